@@ -1,0 +1,18 @@
+"""netmerge-fast: fused routing, grouped expert dispatch and logit-statistics combining for mixtures of experts.
+
+Every op takes ``backend="auto"``; ``backends()`` tells which backends this machine has and why not.
+"""
+
+from netmerge_fast._backends import BackendStatus, backends
+from netmerge_fast.routing import expert_counts, load_balancing_loss, router_z_loss, topk_gating
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendStatus",
+    "backends",
+    "expert_counts",
+    "load_balancing_loss",
+    "router_z_loss",
+    "topk_gating",
+]

@@ -1,0 +1,149 @@
+"""Which backends exist on this machine, and which one serves a call.
+
+One table (``_OPS``) says, per op, which backends implement it and in what order ``"auto"`` prefers
+them. ``resolve`` applies it; nothing else in the package decides backends.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+__all__ = ["BackendStatus", "backends", "resolve"]
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{'yes' if self.available else 'no '}  {self.reason}"
+
+
+@dataclass(frozen=True)
+class _Impl:
+    backend: str
+    dtypes: tuple[torch.dtype, ...] | None = FUSED_DTYPES  # None: any floating dtype
+
+
+# Per op, in the order "auto" prefers them. The torch backend (reference.py) is always last and always there.
+_OPS: dict[str, tuple[_Impl, ...]] = {
+    "topk_gating": (_Impl("triton"), _Impl("cpu"), _Impl("torch", None)),
+}
+
+
+@cache
+def _native() -> BackendStatus:
+    try:
+        importlib.import_module("netmerge_fast._C")
+    except ImportError as exc:
+        return BackendStatus(
+            False,
+            f"netmerge_fast._C is not built ({exc}); reinstall with `pip install --no-build-isolation .` to build it",
+        )
+    return BackendStatus(True, "C++ extension netmerge_fast._C")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@cache
+def _triton() -> BackendStatus:
+    try:
+        import triton
+    except ImportError:
+        return BackendStatus(False, "triton is not installed (pip install 'netmerge-fast[triton]')")
+    if torch.cuda.is_available():
+        return BackendStatus(True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
+    if _interpreting():
+        return BackendStatus(True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU tensors, slow)")
+    return BackendStatus(
+        False,
+        f"triton {triton.__version__} is installed but there is no GPU "
+        "(set TRITON_INTERPRET=1 to run its kernels on CPU tensors)",
+    )
+
+
+@cache
+def _cuda() -> BackendStatus:
+    native = _native()
+    if not native.available:
+        return native
+    if not torch.cuda.is_available():
+        return BackendStatus(False, "no CUDA device")
+    if not hasattr(torch.ops.netmerge, "cuda_built"):
+        return BackendStatus(False, "netmerge_fast._C was built without CUDA (torch without CUDA, or no nvcc)")
+    return BackendStatus(True, f"CUDA kernels in netmerge_fast._C on {torch.cuda.get_device_name()}")
+
+
+def backends() -> dict[str, BackendStatus]:
+    """What each backend needs and whether this machine has it, e.g. ``backends()["cpu"].available``."""
+    return {
+        "triton": _triton(),
+        "cuda": _cuda(),
+        "cpu": _native(),
+        "torch": BackendStatus(True, "plain PyTorch (netmerge_fast.reference), always available"),
+    }
+
+
+def _runs_on(backend: str, device: torch.device) -> bool:
+    if backend == "cpu":
+        return device.type == "cpu"
+    if backend == "cuda":
+        return device.type == "cuda"
+    if backend == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    return True
+
+
+_resolved: dict[tuple, str] = {}
+
+
+# A pure function of its arguments and of the machine: memoised, and evaluated once by torch.compile at
+# trace time rather than traced.
+@torch.compiler.assume_constant_result
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that serves ``op`` for a tensor on ``device`` of ``dtype``; errors name the fix."""
+    key = (op, backend, device, dtype)
+    if key not in _resolved:
+        _resolved[key] = _resolve(op, backend, device, dtype)
+    return _resolved[key]
+
+
+def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    impls = _OPS[op]
+    if backend == "auto":
+        for impl in impls:
+            # The interpreter is for tests; auto never picks it for CPU tensors.
+            if impl.backend == "triton" and device.type != "cuda":
+                continue
+            if (
+                (impl.dtypes is None or dtype in impl.dtypes)
+                and _runs_on(impl.backend, device)
+                and (impl.backend == "torch" or backends()[impl.backend].available)
+            ):
+                return impl.backend
+        raise AssertionError("unreachable: the torch backend serves every op")
+    by_name = {impl.backend: impl for impl in impls}
+    if backend not in by_name:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(by_name)} for {op}, got {backend!r}")
+    status = backends()[backend]
+    if not status.available:
+        raise RuntimeError(f"{op}: backend {backend!r} is not available: {status.reason}")
+    impl = by_name[backend]
+    if not _runs_on(backend, device):
+        raise ValueError(f"{op}: backend {backend!r} cannot run on {device.type} tensors")
+    if impl.dtypes is not None and dtype not in impl.dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in impl.dtypes)
+        raise TypeError(
+            f"{op}: backend {backend!r} takes {names} inputs, got {dtype}; use backend='torch' for other dtypes"
+        )
+    return backend

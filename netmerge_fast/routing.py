@@ -1,0 +1,268 @@
+"""Fused top-k routing for sparse MoE layers, and the router losses used to train them."""
+
+from __future__ import annotations
+
+import torch
+
+from netmerge_fast import _checks, reference
+from netmerge_fast._backends import backends, resolve
+
+__all__ = ["expert_counts", "load_balancing_loss", "router_z_loss", "topk_gating"]
+
+_SCORINGS = ("softmax", "sigmoid")
+_GROUP_SCORES = ("max", "top2_sum")
+
+
+def topk_gating(
+    router_logits: torch.Tensor,
+    k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    bias: torch.Tensor | None = None,
+    num_groups: int = 1,
+    topk_groups: int | None = None,
+    group_score: str = "max",
+    softmax_after_topk: bool = False,
+    scale: float = 1.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick ``k`` experts per token and their weights, in one pass over the router logits.
+
+    Args:
+        router_logits: ``[T, E]`` float32, float16 or bfloat16 (any strides). float64 is accepted by the
+            ``torch`` backend and computed in float64 (for gradcheck).
+        k: experts per token, ``1 <= k <= E``.
+        scoring: ``"softmax"`` (probabilities over all E experts) or ``"sigmoid"`` (independent scores).
+        renormalize: divide the k weights by their sum (plus 1e-20, as DeepSeek-V3; invisible unless the
+            chosen mass is ~0). Ignored with ``softmax_after_topk`` (those weights already sum to 1).
+        bias: ``[E]`` added to the scores for selection only (DeepSeek-V3 ``e_score_correction_bias``);
+            the weights use the unbiased scores. No gradient flows to it.
+        num_groups, topk_groups: group-limited routing. The E experts form ``num_groups`` contiguous groups;
+            only experts of the best ``topk_groups`` groups can be picked. ``topk_groups=None`` keeps all.
+        group_score: how a group is scored: ``"max"`` (its best key) or ``"top2_sum"`` (sum of its two best
+            keys, DeepSeek-V3).
+        softmax_after_topk: rank by raw logits (+ bias) and apply the softmax over the k chosen (GPT-OSS).
+        scale: multiplies the final weights (``routed_scaling_factor``).
+        backend: ``"auto"``, ``"triton"`` (CUDA; CPU under TRITON_INTERPRET=1), ``"cpu"`` or ``"torch"``.
+
+    Returns:
+        ``(weights [T, k] float32, ids [T, k] int32)``: slots in descending order of selection key.
+
+    Selection key: the logit itself when there is no bias and groups are scored by ``"max"`` (same order as
+    the scores, but exact); otherwise score + bias in float32. Equal keys go to the lower expert index, on
+    every backend. Ids in a row are distinct and always in ``[0, E)``.
+
+    Non-finite logits: NaN is treated as -inf, so it is never picked over a finite value and never makes a
+    weight NaN. Softmax follows its limit: +inf logits share the mass equally. A row with no finite and no
+    +inf logit (all -inf/NaN) has no mass: its slots hold experts in index order (of the allowed groups)
+    with weight 0. Sigmoid maps -inf to 0 and +inf to 1.
+
+    Gradients flow to ``router_logits`` through the weights (zero for rows whose max logit is infinite).
+
+    Example (Mixtral)::
+
+        weights, ids = topk_gating(router_logits, 2)
+    """
+    _validate(
+        router_logits, k, scoring, renormalize, bias, num_groups, topk_groups, group_score, softmax_after_topk, scale
+    )
+    topk_groups = num_groups if topk_groups is None else topk_groups
+    chosen = resolve("topk_gating", backend, router_logits.device, router_logits.dtype)
+    if chosen == "torch":
+        return reference.topk_gating(
+            router_logits,
+            k,
+            scoring=scoring,
+            renormalize=renormalize,
+            bias=bias,
+            num_groups=num_groups,
+            topk_groups=topk_groups,
+            group_score=group_score,
+            softmax_after_topk=softmax_after_topk,
+            scale=scale,
+        )
+    args = (k, scoring, renormalize, bias, num_groups, topk_groups, group_score, softmax_after_topk, float(scale))
+    if torch.is_grad_enabled() and router_logits.requires_grad:
+        return _TopkGating.apply(router_logits, chosen, *args)
+    return _kernel(chosen)(router_logits, *args)
+
+
+def _validate(
+    router_logits, k, scoring, renormalize, bias, num_groups, topk_groups, group_score, softmax_after_topk, scale
+) -> None:
+    _checks.tensor("router_logits", router_logits, dim=2, floating=True)
+    E = router_logits.shape[1]
+    if E == 0:
+        raise ValueError("router_logits must have at least one expert column, got shape [T, 0]")
+    _checks.integer("k", k, low=1, high=E)
+    _checks.choice("scoring", scoring, _SCORINGS)
+    _checks.boolean("renormalize", renormalize)
+    _checks.integer("num_groups", num_groups, low=1, high=E)
+    if E % num_groups:
+        raise ValueError(f"num_groups must divide the number of experts E={E}, got {num_groups}")
+    group_size = E // num_groups
+    if topk_groups is not None:
+        _checks.integer("topk_groups", topk_groups, low=1, high=num_groups)
+        if topk_groups * group_size < k:
+            raise ValueError(
+                f"topk_groups * (E / num_groups) must be >= k: {topk_groups} groups of "
+                f"{group_size} experts cannot hold k={k}"
+            )
+    _checks.choice("group_score", group_score, _GROUP_SCORES)
+    if group_score == "top2_sum" and num_groups > 1 and group_size < 2:
+        raise ValueError(f"group_score='top2_sum' needs groups of at least 2 experts, got {group_size}")
+    _checks.boolean("softmax_after_topk", softmax_after_topk)
+    if softmax_after_topk and scoring != "softmax":
+        raise ValueError("softmax_after_topk=True needs scoring='softmax'")
+    if bias is not None:
+        _checks.tensor("bias", bias, dim=1, floating=True)
+        if bias.shape[0] != E:
+            raise ValueError(f"bias must have shape [E]=[{E}], got [{bias.shape[0]}]")
+        _checks.same_device("bias", bias, "router_logits", router_logits)
+    _checks.finite_real("scale", scale)
+
+
+def _kernel(backend: str):
+    if backend == "cpu":
+        return torch.ops.netmerge.topk_gating.default
+    from netmerge_fast.triton_kernels.topk_gating import topk_gating_triton
+
+    return topk_gating_triton
+
+
+class _TopkGating(torch.autograd.Function):
+    """Fused forward on any backend; the backward is plain torch ops and serves every backend."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        router_logits,
+        backend,
+        k,
+        scoring,
+        renormalize,
+        bias,
+        num_groups,
+        topk_groups,
+        group_score,
+        softmax_after_topk,
+        scale,
+    ):
+        weights, ids = _kernel(backend)(
+            router_logits,
+            k,
+            scoring,
+            renormalize,
+            bias,
+            num_groups,
+            topk_groups,
+            group_score,
+            softmax_after_topk,
+            scale,
+        )
+        ctx.save_for_backward(router_logits, ids)
+        ctx.config = (scoring, renormalize, softmax_after_topk, scale)
+        ctx.mark_non_differentiable(ids)
+        return weights, ids
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_ids):
+        router_logits, ids = ctx.saved_tensors
+        grad = _weights_backward(router_logits, ids.long(), grad_weights, *ctx.config)
+        return (grad,) + (None,) * 10
+
+
+def _weights_backward(router_logits, ids, grad_w, scoring, renormalize, softmax_after_topk, scale):
+    """d loss / d router_logits, given d loss / d weights and the chosen ids (which carry no gradient)."""
+    x = router_logits.float().masked_fill(torch.isnan(router_logits), float("-inf"))
+    g = grad_w.float()
+    if softmax_after_topk:
+        raw = reference.softmax_with_limits(x.gather(1, ids))
+    elif scoring == "softmax":
+        probs = reference.softmax_with_limits(x)
+        raw = probs.gather(1, ids)
+    else:
+        raw = torch.sigmoid(x.gather(1, ids))
+
+    if renormalize and not softmax_after_topk:
+        total = raw.sum(-1, keepdim=True) + reference.RENORM_EPS
+        g_raw = scale * (g - (g * raw).sum(-1, keepdim=True) / total) / total
+    else:
+        g_raw = scale * g
+
+    if softmax_after_topk:
+        chosen_max = x.gather(1, ids).amax(-1, keepdim=True)
+        g_chosen = raw * (g_raw - (g_raw * raw).sum(-1, keepdim=True))
+        g_chosen = torch.where(torch.isfinite(chosen_max), g_chosen, 0.0)
+        grad = torch.zeros_like(x).scatter(1, ids, g_chosen)
+    elif scoring == "softmax":
+        row_max = x.amax(-1, keepdim=True)
+        grad = probs * (torch.zeros_like(x).scatter(1, ids, g_raw) - (g_raw * raw).sum(-1, keepdim=True))
+        grad = torch.where(torch.isfinite(row_max), grad, 0.0)
+    else:
+        grad = torch.zeros_like(x).scatter(1, ids, g_raw * raw * (1.0 - raw))
+    return grad.to(router_logits.dtype)
+
+
+if backends()["cpu"].available:
+
+    @torch.library.register_fake("netmerge::topk_gating")
+    def _topk_gating_fake(
+        router_logits, k, scoring, renormalize, bias, num_groups, topk_groups, group_score, softmax_after_topk, scale
+    ):
+        T = router_logits.shape[0]
+        return (
+            router_logits.new_empty((T, k), dtype=torch.float32),
+            router_logits.new_empty((T, k), dtype=torch.int32),
+        )
+
+
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many token slots each expert received: int64 ``[num_experts]``.
+
+    ``ids`` is any integer tensor of expert ids (typically ``[T, k]``); ids outside ``[0, num_experts)``,
+    such as -1 for a slot routed nowhere, are not counted. No host synchronisation.
+    """
+    _checks.tensor("ids", ids, integer=True)
+    _checks.integer("num_experts", num_experts, low=1)
+    flat = ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, flat.clamp(0, num_experts - 1), valid.long())
+
+
+def load_balancing_loss(router_logits: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch-Transformer / Mixtral auxiliary loss: ``E * sum_e f_e * P_e`` (float32 scalar; float64 input
+    stays float64, as in every loss here).
+
+    ``f_e`` is the fraction of tokens that chose expert e (counted over all k slots, so ``sum_e f_e = k``),
+    ``P_e`` the mean softmax probability of expert e. Equals 1 * k for perfectly uniform routing; the
+    gradient flows through ``P`` into ``router_logits``. Same value as Hugging Face's
+    ``load_balancing_loss_func`` without an attention mask. An empty batch gives 0.
+    """
+    _checks.tensor("router_logits", router_logits, dim=2, floating=True)
+    _checks.tensor("ids", ids, dim=2, integer=True)
+    _checks.integer("num_experts", num_experts, low=1)
+    if router_logits.shape[1] != num_experts:
+        raise ValueError(
+            f"router_logits must have num_experts={num_experts} columns, got shape {list(router_logits.shape)}"
+        )
+    if ids.shape[0] != router_logits.shape[0]:
+        raise ValueError(f"ids must have one row per token ({router_logits.shape[0]}), got {ids.shape[0]}")
+    T = router_logits.shape[0]
+    x = router_logits.to(reference.compute_dtype(router_logits))
+    if T == 0:
+        return x.sum() * 0.0
+    probs = torch.softmax(x, dim=-1)
+    fraction = expert_counts(ids, num_experts).float() / T
+    return num_experts * (fraction * probs.mean(0)).sum()
+
+
+def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of ``logsumexp(router_logits)^2`` (float32 scalar; 0 if empty)."""
+    _checks.tensor("router_logits", router_logits, dim=2, floating=True)
+    x = router_logits.to(reference.compute_dtype(router_logits))
+    if x.shape[0] == 0:
+        return x.sum() * 0.0
+    return torch.logsumexp(x, dim=-1).square().mean()
