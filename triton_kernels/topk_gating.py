@@ -139,6 +139,30 @@ def _topk_gating_kernel(
 _TILE_ELEMENTS = 2048
 
 
+def launch_config(T, E, k, scoring, renormalize, has_bias, num_groups, topk_groups, group_score, softmax_after_topk):
+    """Compile-time parameters and warps of the kernel for one call (shared with the compile check in tests)."""
+    top2_sum = group_score == "top2_sum" and num_groups > 1
+    block_e = triton.next_power_of_2(E)
+    block_t = max(1, min(triton.next_power_of_2(max(T, 1)), _TILE_ELEMENTS // block_e))
+    constexprs = {
+        "K": k,
+        "K_PAD": triton.next_power_of_2(k),
+        "BLOCK_T": block_t,
+        "BLOCK_E": block_e,
+        "SIGMOID": scoring == "sigmoid",
+        "SOFTMAX_AFTER": softmax_after_topk,
+        "RENORMALIZE": renormalize,
+        "HAS_BIAS": has_bias,
+        "KEY_IS_LOGIT": not has_bias and (softmax_after_topk or not top2_sum),
+        "NUM_GROUPS": num_groups,
+        "TOPK_GROUPS": topk_groups,
+        "GROUP_SIZE": E // num_groups,
+        "GROUP_PAD": triton.next_power_of_2(num_groups),
+        "TOP2_SUM": top2_sum,
+    }
+    return constexprs, (4 if block_t * block_e <= 1024 else 8)
+
+
 @torch.library.triton_op("netmerge::topk_gating_triton", mutates_args=())
 def topk_gating_triton(
     router_logits: torch.Tensor,
@@ -157,10 +181,10 @@ def topk_gating_triton(
     ids = torch.empty((T, k), dtype=torch.int32, device=router_logits.device)
     if T == 0:
         return weights, ids
-    top2_sum = group_score == "top2_sum" and num_groups > 1
-    block_e = triton.next_power_of_2(E)
-    block_t = max(1, min(triton.next_power_of_2(T), _TILE_ELEMENTS // block_e))
-    grid = (triton.cdiv(T, block_t),)
+    constexprs, num_warps = launch_config(
+        T, E, k, scoring, renormalize, bias is not None, num_groups, topk_groups, group_score, softmax_after_topk
+    )
+    grid = (triton.cdiv(T, constexprs["BLOCK_T"]),)
     torch.library.wrap_triton(_topk_gating_kernel)[grid](
         router_logits,
         bias.float().contiguous() if bias is not None else weights,
@@ -171,20 +195,7 @@ def topk_gating_triton(
         router_logits.stride(0),
         router_logits.stride(1),
         scale,
-        K=k,
-        K_PAD=triton.next_power_of_2(k),
-        BLOCK_T=block_t,
-        BLOCK_E=block_e,
-        SIGMOID=scoring == "sigmoid",
-        SOFTMAX_AFTER=softmax_after_topk,
-        RENORMALIZE=renormalize,
-        HAS_BIAS=bias is not None,
-        KEY_IS_LOGIT=bias is None and (softmax_after_topk or not top2_sum),
-        NUM_GROUPS=num_groups,
-        TOPK_GROUPS=topk_groups,
-        GROUP_SIZE=E // num_groups,
-        GROUP_PAD=triton.next_power_of_2(num_groups),
-        TOP2_SUM=top2_sum,
-        num_warps=4 if block_t * block_e <= 1024 else 8,
+        **constexprs,
+        num_warps=num_warps,
     )
     return weights, ids

@@ -10,7 +10,9 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/topk_gating.h"
@@ -37,6 +39,16 @@ struct Config {
 };
 
 Vec sanitize(Vec v) { return Vec::blendv(v, Vec(K::neg_inf()), v != v); }
+
+// R int32 lanes as a compiler vector: comparisons and selects compile to mask registers directly where the
+// ISA has them (ATen's integer blend round-trips the mask through a vector), and lower to any other ISA.
+using Lanes = int32_t __attribute__((vector_size(R * sizeof(int32_t))));
+Lanes splat(int32_t v) { return Lanes{} + v; }
+Lanes load_lanes(const int32_t* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
 
 VecI as_int(Vec v) { return at::vec::cast<int32_t>(v); }
 Vec as_float(VecI v) { return at::vec::cast<float>(v); }
@@ -67,6 +79,15 @@ struct Block {
 template <typename scalar_t>
 void load_block(const scalar_t* src, int64_t rows, int64_t row_stride, int64_t col_stride, int64_t E,
                 float* x) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (col_stride == 1) {  // tile-wise SIMD transpose; lanes of missing rows keep stale finite values
+      for (int64_t e = 0; e < E; e += R)
+        at::vec::transpose_mxn<float>(src + e, row_stride, x + e * R, R, static_cast<int>(rows),
+                                      static_cast<int>(std::min(R, E - e)));
+      for (int64_t e = 0; e < E; ++e) sanitize(Vec::loadu(x + e * R)).store(x + e * R);
+      return;
+    }
+  }
   for (int64_t r = 0; r < R; ++r) {
     if (r < rows) {
       const scalar_t* row = src + r * row_stride;
@@ -150,33 +171,32 @@ void route_block(const scalar_t* src, int64_t rows, int64_t row_stride, int64_t 
   }
 
   // k lane-wise argmax passes. Strict > over increasing e keeps ties at the lower index; four interleaved
-  // streams keep the compare-blend chains independent, and the merge keeps the lowest index among equals.
+  // streams keep the compare-select chains independent, and the merge keeps the lowest index among equals.
   constexpr int64_t S = 4;
   for (int64_t j = 0; j < c.k; ++j) {
-    VecI best[S], best_e[S];
-    for (int64_t s = 0; s < S; ++s) best[s] = VecI(kTaken), best_e[s] = VecI(INT32_MAX);
+    Lanes best[S], best_e[S];
+    for (int64_t s = 0; s < S; ++s) best[s] = splat(kTaken), best_e[s] = splat(INT32_MAX);
     int64_t e = 0;
     for (; e + S <= E; e += S) {
       for (int64_t s = 0; s < S; ++s) {
-        const VecI v = VecI::loadu(ord + (e + s) * R);
-        const VecI better = v > best[s];
-        best[s] = VecI::blendv(best[s], v, better);
-        best_e[s] = VecI::blendv(best_e[s], VecI(static_cast<int32_t>(e + s)), better);
+        const Lanes v = load_lanes(ord + (e + s) * R);
+        const Lanes better = v > best[s];
+        best[s] = better ? v : best[s];
+        best_e[s] = better ? splat(static_cast<int32_t>(e + s)) : best_e[s];
       }
     }
     for (; e < E; ++e) {
-      const VecI v = VecI::loadu(ord + e * R);
-      const VecI better = v > best[0];
-      best[0] = VecI::blendv(best[0], v, better);
-      best_e[0] = VecI::blendv(best_e[0], VecI(static_cast<int32_t>(e)), better);
+      const Lanes v = load_lanes(ord + e * R);
+      const Lanes better = v > best[0];
+      best[0] = better ? v : best[0];
+      best_e[0] = better ? splat(static_cast<int32_t>(e)) : best_e[0];
     }
-    VecI top = best[0];
-    for (int64_t s = 1; s < S; ++s) top = at::vec::maximum(top, best[s]);
-    VecI winner(INT32_MAX);
-    for (int64_t s = 0; s < S; ++s)
-      winner = at::vec::minimum(winner, VecI::blendv(VecI(INT32_MAX), best_e[s], best[s] == top));
-    winner.store(b.ids.data() + j * R);
-    const int32_t* lane_e = b.ids.data() + j * R;
+    Lanes top = best[0];
+    for (int64_t s = 1; s < S; ++s) top = best[s] > top ? best[s] : top;
+    Lanes winner = splat(INT32_MAX);
+    for (int64_t s = 0; s < S; ++s) winner = (best[s] == top && best_e[s] < winner) ? best_e[s] : winner;
+    int32_t* lane_e = b.ids.data() + j * R;
+    std::memcpy(lane_e, &winner, sizeof(Lanes));
     for (int64_t r = 0; r < R; ++r) {
       b.best_x[j * R + r] = x[lane_e[r] * R + r];
       ord[lane_e[r] * R + r] = kTaken;

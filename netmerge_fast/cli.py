@@ -1,0 +1,78 @@
+"""``netmerge-fast``: the command line (also ``python -m netmerge_fast.cli``).
+
+netmerge-fast bench                 the default suite (every suite below), CPU
+netmerge-fast bench topk            one suite
+netmerge-fast bench topk --json out.json --quick
+netmerge-fast backends              what this machine can run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+
+# Suite name -> module in netmerge_fast.bench exposing run(**kwargs) -> rows and COLUMNS.
+SUITES = {"topk": "netmerge_fast.bench.topk"}
+DEFAULT_SUITES = ("topk",)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from netmerge_fast.bench import format_table, machine_info, write_json
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    names = args.suites or list(DEFAULT_SUITES)
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        print(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)}", file=sys.stderr)
+        return 2
+    print(f"# netmerge-fast bench on {machine_info(device)}", flush=True)
+    results = {}
+    for name in names:
+        suite = importlib.import_module(SUITES[name])
+        kwargs = {"device": device, "dtype": _DTYPES[args.dtype], "compile": not args.no_compile}
+        if args.quick:
+            kwargs.update(getattr(suite, "QUICK", {}))
+        rows = suite.run(progress=(lambda m: print(f"  ... {m}", file=sys.stderr, flush=True)), **kwargs)
+        results[name] = rows
+        print(f"\n## {name}\n")
+        print(format_table(rows, [c for c in suite.COLUMNS if any(c in r for r in rows)]), flush=True)
+    if args.json:
+        write_json(args.json, results, device)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _backends(_args: argparse.Namespace) -> int:
+    import netmerge_fast
+
+    for name, status in netmerge_fast.backends().items():
+        print(f"{name:7s} {status}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="netmerge-fast", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="time our ops against their baselines, in one process")
+    bench.add_argument("suites", nargs="*", help=f"suites to run (default: {' '.join(DEFAULT_SUITES)})")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    bench.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    bench.add_argument("--quick", action="store_true", help="fewer, smaller cases (seconds, for smoke tests)")
+    bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.set_defaults(func=_bench)
+
+    backends = sub.add_parser("backends", help="which backends this machine has, and why not")
+    backends.set_defaults(func=_backends)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""The command line runs end to end (timings are not asserted: benchmarks stay out of the test suite)."""
+
+import json
+
+from netmerge_fast import cli
+
+
+def test_bench_topk_quick_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "topk", "--quick", "--no-compile", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| shape" in printed and "x_reference" in printed
+    data = json.loads(out.read_text())
+    rows = data["suites"]["topk"]
+    assert {row["shape"] for row in rows} == {"mixtral E8 k2", "E64 k6", "qwen3 E128 k8", "deepseek-v3 E256 k8"}
+    for row in rows:
+        assert row["ours_us"] > 0 and row["x_reference"] > 0 and row["GB/s"] > 0
+
+
+def test_unknown_suite_is_an_error(capsys):
+    assert cli.main(["bench", "nope"]) == 2
+    assert "unknown suite" in capsys.readouterr().err
+
+
+def test_backends_command(capsys):
+    assert cli.main(["backends"]) == 0
+    assert "torch" in capsys.readouterr().out
