@@ -116,17 +116,14 @@ def run(
     return rows
 
 
+# Printed columns; --json also has every baseline's absolute time (<name>_us).
 COLUMNS = (
     "shape",
     "T",
     "ours_us",
-    "reference_us",
     "x_reference",
-    "reference_compiled_us",
     "x_reference_compiled",
-    "hf_eager_us",
     "x_hf_eager",
-    "hf_compiled_us",
     "x_hf_compiled",
     "GB/s",
     "of_copy",
