@@ -13,7 +13,7 @@ from functools import cache
 
 import torch
 
-__all__ = ["BackendStatus", "backends", "resolve"]
+__all__ = ["BackendStatus", "backends", "native_status", "resolve"]
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -40,7 +40,8 @@ _OPS: dict[str, tuple[_Impl, ...]] = {
 
 
 @cache
-def _native() -> BackendStatus:
+def native_status() -> BackendStatus:
+    """Whether netmerge_fast._C loaded (cheap: does not probe Triton or CUDA)."""
     try:
         importlib.import_module("netmerge_fast._C")
     except ImportError as exc:
@@ -74,7 +75,7 @@ def _triton() -> BackendStatus:
 
 @cache
 def _cuda() -> BackendStatus:
-    native = _native()
+    native = native_status()
     if not native.available:
         return native
     if not torch.cuda.is_available():
@@ -89,7 +90,7 @@ def backends() -> dict[str, BackendStatus]:
     return {
         "triton": _triton(),
         "cuda": _cuda(),
-        "cpu": _native(),
+        "cpu": native_status(),
         "torch": BackendStatus(True, "plain PyTorch (netmerge_fast.reference), always available"),
     }
 
@@ -107,9 +108,16 @@ def _runs_on(backend: str, device: torch.device) -> bool:
 _resolved: dict[tuple, str] = {}
 
 
-# A pure function of its arguments and of the machine: memoised, and evaluated once by torch.compile at
-# trace time rather than traced.
-@torch.compiler.assume_constant_result
+def _constant_for_compile(fn):
+    """What ``torch.compiler.assume_constant_result`` does, without its import of torch._dynamo (~2 s at our
+    import time): torch.compile then calls ``fn`` once at trace time instead of tracing into it.
+    tests/test_topk_gating.py::test_torch_compile_fullgraph fails if dynamo stops reading this marker."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+# A pure function of its arguments and of the machine: memoised, and a constant for torch.compile.
+@_constant_for_compile
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that serves ``op`` for a tensor on ``device`` of ``dtype``; errors name the fix."""
     key = (op, backend, device, dtype)

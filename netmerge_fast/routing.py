@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from netmerge_fast import _checks, reference
-from netmerge_fast._backends import backends, resolve
+from netmerge_fast._backends import native_status, resolve
 
 __all__ = ["expert_counts", "load_balancing_loss", "router_z_loss", "topk_gating"]
 
@@ -205,7 +205,7 @@ def _weights_backward(router_logits, ids, grad_w, scoring, renormalize, softmax_
     return grad.to(router_logits.dtype)
 
 
-if backends()["cpu"].available:
+if native_status().available:
 
     @torch.library.register_fake("netmerge::topk_gating")
     def _topk_gating_fake(
