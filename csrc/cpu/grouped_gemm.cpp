@@ -1,0 +1,202 @@
+// Grouped GEMM on CPU (see grouped_gemm.h) and the two grouped_mm ops of moe_experts' backward.
+#include "cpu/grouped_gemm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "ops.h"
+
+namespace netmerge::cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t L = Vec::size();
+
+// Rows of an expert up to which the weight-streaming kernel beats a matmul call (measured: ATen's matmul
+// pays ~20 us per call and runs below bandwidth on a handful of rows).
+constexpr int64_t kStreamMaxRows = 8;
+// Output columns per task of the weight-streaming kernel, and the least per matmul task.
+constexpr int64_t kStreamColumns = 64;
+constexpr int64_t kMinMatmulColumns = 128;
+
+template <typename scalar_t>
+Vec load_float(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec v;
+    at::vec::load_to_float(p, v);
+    return v;
+  }
+}
+
+// out[j][c] = sum_h w[c][h] * x[j][h] for TB rows of x (float, [TB][K]) and the 4 weight rows c0..c0+3,
+// streaming each weight once: 4 x TB independent accumulators hide the FMA latency.
+template <typename scalar_t, int TB>
+void stream_block4(const float* x, int64_t K, const scalar_t* w, int64_t ldw, float* acc_out /*[TB][4]*/) {
+  Vec acc[4][TB];
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < TB; ++j) acc[r][j] = Vec(0.f);
+  int64_t h = 0;
+  for (; h + L <= K; h += L) {
+    Vec xv[TB];
+    for (int j = 0; j < TB; ++j) xv[j] = Vec::loadu(x + j * K + h);
+    for (int r = 0; r < 4; ++r) {
+      const Vec wv = load_float(w + r * ldw + h);
+      for (int j = 0; j < TB; ++j) acc[r][j] = at::vec::fmadd(wv, xv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    for (int j = 0; j < TB; ++j) {
+      float sum = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc[r][j]);
+      for (int64_t t = h; t < K; ++t) sum += static_cast<float>(w[r * ldw + t]) * x[j * K + t];
+      acc_out[j * 4 + r] = sum;
+    }
+  }
+}
+
+template <typename scalar_t, int TB>
+float stream_dot(const float* x, int64_t K, const scalar_t* w) {
+  Vec acc(0.f);
+  int64_t h = 0;
+  for (; h + L <= K; h += L) acc = at::vec::fmadd(load_float(w + h), Vec::loadu(x + h), acc);
+  float sum = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
+  for (; h < K; ++h) sum += static_cast<float>(w[h]) * x[h];
+  return sum;
+}
+
+template <typename scalar_t, int TB>
+void stream_columns(const float* x, int64_t K, const scalar_t* w, int64_t ldw, int64_t c0, int64_t c1,
+                    scalar_t* out, int64_t ldo) {
+  float block[TB * 4];
+  int64_t c = c0;
+  for (; c + 4 <= c1; c += 4) {
+    stream_block4<scalar_t, TB>(x, K, w + c * ldw, ldw, block);
+    for (int j = 0; j < TB; ++j)
+      for (int r = 0; r < 4; ++r) out[j * ldo + c + r] = static_cast<scalar_t>(block[j * 4 + r]);
+  }
+  for (; c < c1; ++c)
+    for (int j = 0; j < TB; ++j) out[j * ldo + c] = static_cast<scalar_t>(stream_dot<scalar_t, TB>(x + j * K, K, w + c * ldw));
+}
+
+// Columns [c0, c1) of out[0:n] = x[0:n] @ w^T for a row-major w ([N, K], row stride ldw), n <= kStreamMaxRows.
+template <typename scalar_t>
+void stream_gemm(const scalar_t* x, int64_t n, int64_t K, const scalar_t* w, int64_t ldw, int64_t c0, int64_t c1,
+                 scalar_t* out, int64_t ldo, std::vector<float>& xf) {
+  xf.resize(n * K);
+  for (int64_t i = 0; i < n * K; ++i) xf[i] = static_cast<float>(x[i]);
+  // Tokens in groups of up to 4: the weight rows of a 4-column block stay in L1 between the groups.
+  for (int64_t j = 0; j < n; j += 4) {
+    const float* xj = xf.data() + j * K;
+    scalar_t* oj = out + j * ldo;
+    switch (std::min<int64_t>(4, n - j)) {
+      case 1: stream_columns<scalar_t, 1>(xj, K, w, ldw, c0, c1, oj, ldo); break;
+      case 2: stream_columns<scalar_t, 2>(xj, K, w, ldw, c0, c1, oj, ldo); break;
+      case 3: stream_columns<scalar_t, 3>(xj, K, w, ldw, c0, c1, oj, ldo); break;
+      default: stream_columns<scalar_t, 4>(xj, K, w, ldw, c0, c1, oj, ldo); break;
+    }
+  }
+}
+
+struct Task {
+  int64_t expert, c0, c1;
+};
+
+}  // namespace
+
+void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offsets, at::Tensor& out) {
+  const int64_t E = w.size(0), N = w.size(1), K = w.size(2);
+  const bool streamable = x.scalar_type() != at::kDouble && w.stride(2) == 1;
+  const int64_t threads = at::get_num_threads();
+
+  // Matmul tasks: split each expert's columns in proportion to its rows, aiming at ~8 tasks per thread.
+  int64_t total_rows = 0;
+  for (int64_t e = 0; e < E; ++e) total_rows += offsets[e + 1] - offsets[e];
+  std::vector<Task> tasks;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    if (rows == 0) continue;
+    int64_t width;
+    if (streamable && rows <= kStreamMaxRows) {
+      width = kStreamColumns;
+    } else {
+      const int64_t parts = std::max<int64_t>(1, (8 * threads * rows + total_rows - 1) / total_rows);
+      width = std::max(kMinMatmulColumns, (N + parts - 1) / parts);
+    }
+    for (int64_t c = 0; c < N; c += width) tasks.push_back({e, c, std::min(N, c + width)});
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grouped_gemm_cpu", [&] {
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+      const Task& t = tasks[i];
+      const int64_t r0 = offsets[t.expert], rows = offsets[t.expert + 1] - r0;
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (streamable && rows <= kStreamMaxRows) {
+          thread_local std::vector<float> xf;
+          stream_gemm(x_ptr + r0 * K, rows, K, w_ptr + t.expert * w.stride(0), w.stride(1), t.c0, t.c1,
+                      out_ptr + r0 * N, N, xf);
+          return;
+        }
+      }
+      auto dst = out.narrow(0, r0, rows).narrow(1, t.c0, t.c1 - t.c0);
+      at::mm_out(dst, x.narrow(0, r0, rows), w.select(0, t.expert).narrow(0, t.c0, t.c1 - t.c0).t());
+    });
+  });
+}
+
+namespace {
+
+std::vector<int64_t> host_offsets(const at::Tensor& offsets, int64_t E) {
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == E + 1, "grouped_mm: expert_offsets must be [E + 1]");
+  const auto off = offsets.to(at::kLong).contiguous();
+  std::vector<int64_t> v(off.const_data_ptr<int64_t>(), off.const_data_ptr<int64_t>() + E + 1);
+  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(0 <= v[e] && v[e] <= v[e + 1], "grouped_mm: bad expert_offsets");
+  return v;
+}
+
+}  // namespace
+
+at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && x.size(1) == w.size(1), "grouped_mm: x [S, K], w [E, K, N]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "grouped_mm: x and w must have the same dtype");
+  const int64_t E = w.size(0), S = x.size(0), N = w.size(2);
+  const auto off = host_offsets(expert_offsets, E);
+  TORCH_CHECK(off[E] <= S, "grouped_mm: expert_offsets run past the rows of x");
+  auto out = at::empty({S, N}, x.options());
+  out.narrow(0, off[E], S - off[E]).zero_();
+  grouped_gemm(x.contiguous(), w.transpose(1, 2), off.data(), out);
+  return out;
+}
+
+at::Tensor grouped_mm_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "grouped_mm_weight_grad: a [S, M], b [S, N]");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "grouped_mm_weight_grad: a and b must have the same dtype");
+  const int64_t E = expert_offsets.size(0) - 1, M = a.size(1), N = b.size(1);
+  const auto off = host_offsets(expert_offsets, E);
+  TORCH_CHECK(off[E] <= a.size(0), "grouped_mm_weight_grad: expert_offsets run past the rows");
+  auto out = at::empty({E, M, N}, a.options());
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  parallel_tasks(E, [&](int64_t e) {
+    auto dst = out.select(0, e);
+    if (off[e + 1] == off[e]) {
+      dst.zero_();
+    } else {
+      const int64_t r0 = off[e], rows = off[e + 1] - off[e];
+      at::mm_out(dst, ac.narrow(0, r0, rows).t(), bc.narrow(0, r0, rows));
+    }
+  });
+  return out;
+}
+
+}  // namespace netmerge::cpu
