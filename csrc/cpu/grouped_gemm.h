@@ -24,6 +24,7 @@ void parallel_tasks(int64_t n, const F& fn);
 }  // namespace netmerge::cpu
 
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <atomic>
 
@@ -33,6 +34,8 @@ void netmerge::cpu::parallel_tasks(int64_t n, const F& fn) {
   const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    // Worker threads do not inherit the caller's dispatch state: the ATen calls in fn are below autograd.
+    at::AutoDispatchBelowAutograd below_autograd;
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
   });
 }
