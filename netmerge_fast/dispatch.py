@@ -140,8 +140,9 @@ def moe_experts(
         return _MoeExperts.apply(chosen, topk_ids, *config, *tensors)
     kernels = _kernels(chosen)
     return kernels.moe_experts(
-        hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, apply_weights_on_input
-    )[0]
+        hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down,
+        apply_weights_on_input, False,
+    )[0]  # fmt: skip
 
 
 def _validate(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down) -> None:
@@ -242,7 +243,7 @@ class _MoeExperts(torch.autograd.Function):
     ):
         out, sorted_ids, offsets, gate_up = _kernels(backend).moe_experts(
             hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down,
-            apply_weights_on_input,
+            apply_weights_on_input, True,
         )  # fmt: skip
         ctx.save_for_backward(hidden, w_gate_up, w_down, topk_weights, b_down, sorted_ids, offsets, gate_up)
         ctx.config = (backend, activation, gated, apply_weights_on_input, b_gate_up is not None)
@@ -381,14 +382,14 @@ if backends()["cpu"].available:
 
     @torch.library.register_fake("netmerge::moe_experts")
     def _moe_experts_fake(
-        hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, on_input
+        hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, on_input, save
     ):
         slots = topk_ids.numel()
         return (
             torch.empty_like(hidden, memory_format=torch.contiguous_format),
             hidden.new_empty((slots,), dtype=torch.int32),
             hidden.new_empty((w_gate_up.shape[0] + 1,), dtype=torch.int32),
-            hidden.new_empty((slots, w_gate_up.shape[1])),
+            hidden.new_empty((slots if save else 0, w_gate_up.shape[1])),
         )
 
     @torch.library.register_fake("netmerge::grouped_mm")

@@ -38,6 +38,25 @@ Vec load_float(const scalar_t* p) {
   }
 }
 
+// The four horizontal sums of a, b, c, d. One reduction per output costs as much as a short dot product
+// itself; reducing four at once shares the shuffles.
+inline void reduce4(Vec a, Vec b, Vec c, Vec d, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  q = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4E));
+  q = _mm512_add_ps(q, _mm512_permute_ps(q, 0xB1));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, q);
+  out[0] = lanes[0], out[1] = lanes[4], out[2] = lanes[8], out[3] = lanes[12];
+#else
+  const auto sum = [](Vec x, Vec y) { return x + y; };
+  out[0] = at::vec::vec_reduce_all<float>(sum, a), out[1] = at::vec::vec_reduce_all<float>(sum, b);
+  out[2] = at::vec::vec_reduce_all<float>(sum, c), out[3] = at::vec::vec_reduce_all<float>(sum, d);
+#endif
+}
+
 // out[j][c] = sum_h w[c][h] * x[j][h] for TB rows of x (float, [TB][K]) and the 4 weight rows c0..c0+3,
 // streaming each weight once: 4 x TB independent accumulators hide the FMA latency.
 template <typename scalar_t, int TB>
@@ -50,16 +69,16 @@ void stream_block4(const float* x, int64_t K, const scalar_t* w, int64_t ldw, fl
     Vec xv[TB];
     for (int j = 0; j < TB; ++j) xv[j] = Vec::loadu(x + j * K + h);
     for (int r = 0; r < 4; ++r) {
+      // The hardware prefetcher does not keep four strided streams ahead: fetch the next rows' line now.
+      __builtin_prefetch(w + (r + 4) * ldw + h);
       const Vec wv = load_float(w + r * ldw + h);
       for (int j = 0; j < TB; ++j) acc[r][j] = at::vec::fmadd(wv, xv[j], acc[r][j]);
     }
   }
-  for (int r = 0; r < 4; ++r) {
-    for (int j = 0; j < TB; ++j) {
-      float sum = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc[r][j]);
-      for (int64_t t = h; t < K; ++t) sum += static_cast<float>(w[r * ldw + t]) * x[j * K + t];
-      acc_out[j * 4 + r] = sum;
-    }
+  for (int j = 0; j < TB; ++j) {
+    reduce4(acc[0][j], acc[1][j], acc[2][j], acc[3][j], acc_out + j * 4);
+    for (int64_t t = h; t < K; ++t)
+      for (int r = 0; r < 4; ++r) acc_out[j * 4 + r] += static_cast<float>(w[r * ldw + t]) * x[j * K + t];
   }
 }
 

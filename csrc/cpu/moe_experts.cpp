@@ -15,6 +15,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 
+#include <array>
 #include <vector>
 
 #include "cpu/grouped_gemm.h"
@@ -75,31 +76,39 @@ void activate_rows(scalar_t* gate_up, const scalar_t* bias, const int32_t* row_e
   using V = at::vec::Vectorized<opmath_t>;
   constexpr int64_t L = V::size();
   const int64_t width = gated ? 2 * I : I;
-  std::vector<opmath_t> buf(at::divup(width, L) * L + L, opmath_t(0));
+  std::vector<opmath_t> buf(at::divup(width, L) * L + L, opmath_t(0)), bias_buf(width), res(I);
   for (int64_t r = r0; r < r1; ++r) {
     scalar_t* row = gate_up + r * width;
     const scalar_t* b = bias ? bias + static_cast<int64_t>(row_expert[r]) * width : nullptr;
-    for (int64_t i = 0; i < width; ++i) {
-      buf[i] = static_cast<opmath_t>(row[i]);
-      if (b) {
-        // Round the biased pre-activation as a separate add would, so the saved value is what act() sees.
-        row[i] = static_cast<scalar_t>(buf[i] + static_cast<opmath_t>(b[i]));
-        buf[i] = static_cast<opmath_t>(row[i]);
-      }
+    at::vec::convert(row, buf.data(), width);
+    if (b) {
+      // Round the biased pre-activation as a separate add would, so the saved value is what act() sees.
+      at::vec::convert(b, bias_buf.data(), width);
+      for (int64_t i = 0; i < width; ++i) buf[i] += bias_buf[i];
+      at::vec::convert(buf.data(), row, width);
+      at::vec::convert(row, buf.data(), width);
     }
     opmath_t* g = buf.data();
     opmath_t* u = gated ? buf.data() + I : nullptr;
-    scalar_t* o = out + r * I;
-    int64_t i = 0;
-    alignas(64) opmath_t res[L];
-    for (; i < I; i += L) {
+    for (int64_t i = 0; i < I; i += L) {
       const int64_t n = std::min(L, I - i);
       const V gv = V::loadu(g + i, n);
       const V y = gated ? gated_act(a, gv, V::loadu(u + i, n)) : act(a, gv);
-      y.store(res);
-      for (int64_t l = 0; l < n; ++l) o[i + l] = static_cast<scalar_t>(res[l]);
+      y.store(res.data() + i, n);
     }
+    at::vec::convert(res.data(), out + r * I, I);
   }
+}
+
+// Intermediate buffers that outlive the call, one set per calling thread: a fresh multi-megabyte allocation
+// costs a page fault per 4 KB on every call, as much as the activation pass itself.
+at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  thread_local std::array<at::Tensor, 4> cache;
+  at::Tensor& buffer = cache[slot];
+  const int64_t need = std::max<int64_t>(rows * cols, 1);
+  if (!buffer.defined() || buffer.numel() < need || buffer.dtype() != options.dtype())
+    buffer = at::empty({need}, options);
+  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
 }  // namespace
@@ -107,7 +116,7 @@ void activate_rows(scalar_t* gate_up, const scalar_t* bias, const int32_t* row_e
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     const at::Tensor& hidden, const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& topk_weights,
     const at::Tensor& topk_ids, c10::string_view activation, bool gated, const std::optional<at::Tensor>& b_gate_up,
-    const std::optional<at::Tensor>& b_down, bool apply_weights_on_input) {
+    const std::optional<at::Tensor>& b_down, bool apply_weights_on_input, bool save_gate_up) {
   TORCH_CHECK(hidden.dim() == 2 && w_gate_up.dim() == 3 && w_down.dim() == 3, "moe_experts: bad ranks");
   const int64_t T = hidden.size(0), H = hidden.size(1), E = w_gate_up.size(0), I = w_down.size(2);
   const int64_t width = gated ? 2 * I : I;
@@ -150,9 +159,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     std::fill(row_expert.begin() + starts[e], row_expert.begin() + starts[e + 1], static_cast<int32_t>(e));
 
   auto out = at::empty({T, H}, hidden.options());
-  auto gate_up = at::empty({slots, width}, hidden.options());
-  gate_up.narrow(0, rows, slots - rows).zero_();
-  if (T == 0) return {out, sorted, offsets, gate_up};
+  // The backward needs the pre-activation of every slot (zero for slots routed nowhere); inference does not.
+  auto gate_up = save_gate_up ? at::empty({slots, width}, hidden.options()) : scratch(0, rows, width, hidden.options());
+  if (save_gate_up) gate_up.narrow(0, rows, slots - rows).zero_();
+  if (T == 0) return {out, sorted, offsets, gate_up.narrow(0, 0, save_gate_up ? slots : 0)};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "moe_experts_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -163,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     const int32_t* sorted_ptr = sorted.const_data_ptr<int32_t>();
 
     // 2. Gather (and scale) the rows.
-    auto xs = at::empty({rows, H}, hidden.options());
+    auto xs = scratch(1, rows, H, hidden.options());
     scalar_t* xs_ptr = xs.data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -181,12 +191,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
 
     // 3-5. Expert MLPs.
     grouped_gemm(xs, wgu, starts.data(), gate_up);
-    auto hidden_act = at::empty({rows, I}, hidden.options());
+    auto hidden_act = scratch(2, rows, I, hidden.options());
     at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
       activate_rows(gate_up.data_ptr<scalar_t>(), bgu.defined() ? bgu.const_data_ptr<scalar_t>() : nullptr,
                     row_expert.data(), r0, r1, I, gated, a, hidden_act.data_ptr<scalar_t>());
     });
-    auto y = at::empty({rows, H}, hidden.options());
+    auto y = scratch(3, rows, H, hidden.options());
     grouped_gemm(hidden_act, wd, starts.data(), y);
 
     // 6. Combine, slot order per token.
@@ -196,25 +206,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(H * k, 1)), [&](int64_t t0, int64_t t1) {
       std::vector<opmath_t> acc(at::divup(H, L) * L);
-      std::vector<opmath_t> row(acc.size());
+      std::vector<opmath_t> row(acc.size()), bias_row(H);
       for (int64_t t = t0; t < t1; ++t) {
         std::fill(acc.begin(), acc.end(), opmath_t(0));
         for (int64_t j = 0; j < k; ++j) {
           const int64_t slot = t * k + j, e = id_ptr[slot];
           if (e < 0) continue;
-          const scalar_t* yr = y_ptr + static_cast<int64_t>(pos_ptr[slot]) * H;
-          const scalar_t* br = bd_ptr ? bd_ptr + e * H : nullptr;
-          for (int64_t h = 0; h < H; ++h)
-            row[h] = static_cast<opmath_t>(yr[h]) + (br ? static_cast<opmath_t>(br[h]) : opmath_t(0));
+          at::vec::convert(y_ptr + static_cast<int64_t>(pos_ptr[slot]) * H, row.data(), H);
+          if (bd_ptr) {
+            at::vec::convert(bd_ptr + e * H, bias_row.data(), H);
+            for (int64_t h = 0; h < H; ++h) row[h] += bias_row[h];
+          }
           const V w(apply_weights_on_input ? opmath_t(1) : w_ptr[slot]);
-          for (int64_t h = 0; h < H; h += L) at::vec::fmadd(V::loadu(row.data() + h), w, V::loadu(acc.data() + h)).store(acc.data() + h);
+          for (int64_t h = 0; h < H; h += L)
+            at::vec::fmadd(V::loadu(row.data() + h), w, V::loadu(acc.data() + h)).store(acc.data() + h);
         }
-        scalar_t* o = out_ptr + t * H;
-        for (int64_t h = 0; h < H; ++h) o[h] = static_cast<scalar_t>(acc[h]);
+        at::vec::convert(acc.data(), out_ptr + t * H, H);
       }
     });
   });
-  return {out, sorted, offsets, gate_up};
+  return {out, sorted, offsets, save_gate_up ? gate_up : at::empty({0, width}, hidden.options())};
 }
 
 }  // namespace netmerge::cpu
