@@ -209,9 +209,10 @@ def _kernels(backend: str) -> SimpleNamespace:
             grouped_mm_weight_grad=ops.grouped_mm_weight_grad.default,
         )
     from netmerge_fast.triton_kernels import moe_experts as triton_moe
+    from netmerge_fast.triton_kernels.moe_align import moe_align_triton
 
     return SimpleNamespace(
-        moe_align=triton_moe.moe_align_triton,
+        moe_align=moe_align_triton,
         moe_experts=triton_moe.moe_experts_triton,
         grouped_mm=triton_moe.grouped_mm_triton,
         grouped_mm_weight_grad=triton_moe.grouped_mm_weight_grad_triton,
