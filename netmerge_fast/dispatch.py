@@ -4,7 +4,7 @@ grouped GEMM, and combine the weighted results."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import torch
 
@@ -110,8 +110,8 @@ def moe_experts(
 
     Gradients flow to hidden, both weights, both biases and topk_weights on every backend (one backward, built
     from each backend's grouped GEMMs). Errors name the argument: mismatched weight shapes, ids out of
-    ``[-1, E)`` (checked on CPU tensors only; on GPU the check would cost a host sync, and ids outside
-    ``[0, E)`` contribute nothing there), weights and ids of different shapes, float ids.
+    ``[-1, E)`` (checked on CPU tensors; on GPU the check would cost a host sync, and ids outside ``[0, E)``
+    contribute nothing there), weights and ids of different shapes, float ids.
 
     Example (Mixtral)::
 
@@ -185,7 +185,8 @@ def _validate(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gat
         raise ValueError(f"T * k must be below 2^31, got {topk_ids.numel()}")
     for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
         _checks.same_device(name, t, "hidden", hidden)
-    if topk_ids.device.type == "cpu" and topk_ids.numel():
+    # A value check costs a host sync: done for CPU tensors in eager mode (the C++ kernel checks again).
+    if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
         low, high = topk_ids.min().item(), topk_ids.max().item()
         if low < -1 or high >= E:
             raise ValueError(f"topk_ids must be in [-1, E={E}) (-1: routed nowhere), got values in [{low}, {high}]")
@@ -198,11 +199,19 @@ def _validate(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gat
         _checks.same_device(name, bias, "hidden", hidden)
 
 
-def _kernels(backend: str) -> SimpleNamespace:
-    """The backend's four primitives; the autograd Function below is written once against them."""
+class _Kernels(NamedTuple):
+    """A backend's four primitives; the autograd Function below is written once against them."""
+
+    moe_align: Any
+    moe_experts: Any
+    grouped_mm: Any
+    grouped_mm_weight_grad: Any
+
+
+def _kernels(backend: str) -> _Kernels:
     if backend == "cpu":
         ops = torch.ops.netmerge
-        return SimpleNamespace(
+        return _Kernels(
             moe_align=ops.moe_align.default,
             moe_experts=ops.moe_experts.default,
             grouped_mm=ops.grouped_mm.default,
@@ -211,7 +220,7 @@ def _kernels(backend: str) -> SimpleNamespace:
     from netmerge_fast.triton_kernels import moe_experts as triton_moe
     from netmerge_fast.triton_kernels.moe_align import moe_align_triton
 
-    return SimpleNamespace(
+    return _Kernels(
         moe_align=moe_align_triton,
         moe_experts=triton_moe.moe_experts_triton,
         grouped_mm=triton_moe.grouped_mm_triton,
