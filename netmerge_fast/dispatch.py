@@ -156,9 +156,9 @@ def _validate(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gat
     if activation == "swiglu_oai" and not gated:
         raise ValueError("activation='swiglu_oai' needs gated=True")
     T, H = hidden.shape
-    E, I = w_down.shape[0], w_down.shape[2]
-    width = 2 * I if gated else I
-    if E == 0 or I == 0:
+    E, inter = w_down.shape[0], w_down.shape[2]
+    width = 2 * inter if gated else inter
+    if E == 0 or inter == 0:
         raise ValueError(f"w_down must be [E, H, I] with E, I >= 1, got {list(w_down.shape)}")
     if w_down.shape[1] != H:
         raise ValueError(f"w_down must be [E, H={H}, I], got {list(w_down.shape)}")
@@ -344,8 +344,8 @@ def _experts_backward(
 def _activate(pre: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
     if not gated:
         return reference.elementwise_activation(activation, pre)
-    I = pre.shape[1] // 2
-    return reference.gated_activation(activation, pre[:, :I], pre[:, I:])
+    inter = pre.shape[1] // 2
+    return reference.gated_activation(activation, pre[:, :inter], pre[:, inter:])
 
 
 def _derivative(activation: str, x: torch.Tensor) -> torch.Tensor:
@@ -365,8 +365,8 @@ def _derivative(activation: str, x: torch.Tensor) -> torch.Tensor:
 def _activation_backward(pre: torch.Tensor, d_act: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
     if not gated:
         return d_act * _derivative(activation, pre)
-    I = pre.shape[1] // 2
-    gate, up = pre[:, :I], pre[:, I:]
+    inter = pre.shape[1] // 2
+    gate, up = pre[:, :inter], pre[:, inter:]
     if activation == "swiglu_oai":
         limit, alpha = reference.SWIGLU_OAI_LIMIT, reference.SWIGLU_OAI_ALPHA
         g = gate.clamp(max=limit)

@@ -123,9 +123,7 @@ def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.T
     return elementwise_activation(name, gate) * up
 
 
-def moe_align(
-    topk_ids: torch.Tensor, num_experts: int, block_size: int | None = None
-) -> tuple[torch.Tensor, ...]:
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_size: int | None = None) -> tuple[torch.Tensor, ...]:
     flat = topk_ids.reshape(-1).long()
     slots = flat.numel()
     # Slots routed nowhere (id -1) sort behind every expert, as if they went to expert E.
@@ -169,7 +167,7 @@ def moe_experts(
     T, k = topk_ids.shape
     x = hidden.to(dtype)
     weights = topk_weights.to(dtype)
-    I = w_down.shape[2]
+    inter = w_down.shape[2]
     per_slot = x.new_zeros(T, k, x.shape[1])
     for e in range(w_gate_up.shape[0]):
         token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
@@ -180,7 +178,7 @@ def moe_experts(
         h = rows @ w_gate_up[e].to(dtype).T
         if b_gate_up is not None:
             h = h + b_gate_up[e].to(dtype)
-        a = gated_activation(activation, h[:, :I], h[:, I:]) if gated else elementwise_activation(activation, h)
+        a = gated_activation(activation, h[:, :inter], h[:, inter:]) if gated else elementwise_activation(activation, h)
         y = a @ w_down[e].to(dtype).T
         if b_down is not None:
             y = y + b_down[e].to(dtype)

@@ -13,12 +13,12 @@ FUSED = [b for b in BACKENDS if b != "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def make_inputs(gen, T, k, E, H, I, *, dtype=torch.float32, gated=True, bias=False, routed_nowhere=0.0, ids=None):
+def make_inputs(gen, T, k, E, H, inter, *, dtype=torch.float32, gated=True, bias=False, routed_nowhere=0.0, ids=None):
     """Inputs scaled like a trained layer (outputs of order 1), ids distinct per row unless given."""
-    width = 2 * I if gated else I
+    width = 2 * inter if gated else inter
     hidden = torch.randn(T, H, generator=gen)
     w_gate_up = torch.randn(E, width, H, generator=gen) * H**-0.5
-    w_down = torch.randn(E, H, I, generator=gen) * I**-0.5
+    w_down = torch.randn(E, H, inter, generator=gen) * inter**-0.5
     weights = torch.rand(T, k, generator=gen)
     if ids is None:
         ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]) if T else torch.zeros(0, k)

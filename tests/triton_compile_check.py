@@ -61,7 +61,7 @@ ALIGN_SIGNATURE = {
     "block_size": "i32",
 }
 _ROUTING = {"topk_w_ptr": "*fp32", "ids_ptr": "*i32", "work_slot_ptr": "*i32", "block_expert_ptr": "*i32"}
-_SIZES = {"slots": "i32", "E": "i32", "H": "i32", "I": "i32"}
+_SIZES = {"slots": "i32", "E": "i32", "H": "i32", "inter": "i32"}
 UP_SIGNATURE = {
     **_pointers("*bf16", "hidden_ptr", "w_ptr", "bias_ptr", "act_ptr", "gate_up_ptr"),
     **_ROUTING,
@@ -85,7 +85,12 @@ GROUPED_MM_SIGNATURE = {
     "N": "i32",
     **_pointers("i64", "stride_we", "stride_wk", "stride_wn"),
 }
-WEIGHT_GRAD_SIGNATURE = {**_pointers("*bf16", "a_ptr", "b_ptr", "out_ptr"), "offsets_ptr": "*i32", "M": "i32", "N": "i32"}
+WEIGHT_GRAD_SIGNATURE = {
+    **_pointers("*bf16", "a_ptr", "b_ptr", "out_ptr"),
+    "offsets_ptr": "*i32",
+    "M": "i32",
+    "N": "i32",
+}
 
 # (slots, E, H, I, activation, gated, has_bias, apply_weights_on_input): the standard shapes, prefill and decode.
 MOE_CASES = {
@@ -107,8 +112,8 @@ def moe_cases():
     for padded in (False, True):
         constexprs = {"BLOCK": align._BLOCK, "E_PAD": 256, "PADDED": padded}
         yield f"moe_align/place_padded={padded}", align._place_kernel, ALIGN_SIGNATURE, constexprs, 4
-    for name, (slots, E, H, I, activation, gated, has_bias, on_input) in MOE_CASES.items():
-        config = moe.launch_config(slots, E, H, I)
+    for name, (slots, E, H, inter, activation, gated, has_bias, on_input) in MOE_CASES.items():
+        config = moe.launch_config(slots, E, H, inter)
         tiles = {key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "PER_SLOT")}
         flags = {"HAS_BIAS": has_bias, "ON_INPUT": on_input}
         up = {**tiles, **flags, "GATED": gated, "ACT": moe.ACTIVATION_CODES[activation], "SAVE": True}

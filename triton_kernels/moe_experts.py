@@ -14,7 +14,6 @@ grouped_mm_weight_grad_triton on the expert-sorted rows.
 import torch
 import triton
 import triton.language as tl
-
 from netmerge_fast.triton_kernels.moe_align import moe_align_triton
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "swiglu_oai": 4}
@@ -86,7 +85,7 @@ def _up_kernel(
     top_k,
     E,
     H,
-    I,
+    inter,
     stride_ht,
     stride_hh,
     stride_we,
@@ -104,14 +103,12 @@ def _up_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows, slot, real, expert = _work_rows(
-        work_slot_ptr, block_expert_ptr, ids_ptr, pid_m, slots, E, BLOCK_M, PER_SLOT
-    )
+    rows, slot, real, expert = _work_rows(work_slot_ptr, block_expert_ptr, ids_ptr, pid_m, slots, E, BLOCK_M, PER_SLOT)
     if expert < 0:
         return
     token = tl.where(real, slot // top_k, 0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < I
+    col_ok = cols < inter
     w_expert = w_ptr + expert.to(tl.int64) * stride_we
     gate_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     up_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -127,7 +124,7 @@ def _up_kernel(
         w_mask = k_ok[:, None] & col_ok[None, :]
         gate_acc = _mma(gate_acc, x, tl.load(w_expert + w_offsets, mask=w_mask, other=0.0), not PER_SLOT)
         if GATED:
-            up_w = tl.load(w_expert + I * stride_wn + w_offsets, mask=w_mask, other=0.0)
+            up_w = tl.load(w_expert + inter * stride_wn + w_offsets, mask=w_mask, other=0.0)
             up_acc = _mma(up_acc, x, up_w, not PER_SLOT)
     if ON_INPUT:
         # (w x) W^T = w (x W^T): the routing weight scales the accumulator instead of every input element.
@@ -136,22 +133,22 @@ def _up_kernel(
         up_acc *= scale
     out_type = act_ptr.dtype.element_ty
     if HAS_BIAS:
-        bias = bias_ptr + expert.to(tl.int64) * (2 * I if GATED else I)
+        bias = bias_ptr + expert.to(tl.int64) * (2 * inter if GATED else inter)
         gate_acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            up_acc += tl.load(bias + I + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            up_acc += tl.load(bias + inter + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     # Round the pre-activation to the input dtype, as an nn.Linear output would be, before activating it.
     gate = gate_acc.to(out_type).to(tl.float32)
     up = up_acc.to(out_type).to(tl.float32)
     out = _gated(gate, up, ACT) if GATED else _activation(gate, ACT)
     store_mask = real[:, None] & col_ok[None, :]
-    tl.store(act_ptr + rows[:, None] * I + cols[None, :], out.to(out_type), mask=store_mask)
+    tl.store(act_ptr + rows[:, None] * inter + cols[None, :], out.to(out_type), mask=store_mask)
     if SAVE:
         dense = tl.load(dense_row_ptr + rows, mask=real, other=0).to(tl.int64)
-        width = 2 * I if GATED else I
+        width = 2 * inter if GATED else inter
         tl.store(gate_up_ptr + dense[:, None] * width + cols[None, :], gate.to(out_type), mask=store_mask)
         if GATED:
-            tl.store(gate_up_ptr + dense[:, None] * width + I + cols[None, :], up.to(out_type), mask=store_mask)
+            tl.store(gate_up_ptr + dense[:, None] * width + inter + cols[None, :], up.to(out_type), mask=store_mask)
 
 
 @triton.jit
@@ -167,7 +164,7 @@ def _down_kernel(
     slots,
     E,
     H,
-    I,
+    inter,
     stride_we,
     stride_wn,
     stride_wi,
@@ -180,19 +177,17 @@ def _down_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows, slot, real, expert = _work_rows(
-        work_slot_ptr, block_expert_ptr, ids_ptr, pid_m, slots, E, BLOCK_M, PER_SLOT
-    )
+    rows, slot, real, expert = _work_rows(work_slot_ptr, block_expert_ptr, ids_ptr, pid_m, slots, E, BLOCK_M, PER_SLOT)
     if expert < 0:
         return
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     w_expert = w_ptr + expert.to(tl.int64) * stride_we
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    for k0 in range(0, inter, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < I
-        a = tl.load(act_ptr + rows[:, None] * I + ks[None, :], mask=real[:, None] & k_ok[None, :], other=0.0)
+        k_ok = ks < inter
+        a = tl.load(act_ptr + rows[:, None] * inter + ks[None, :], mask=real[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(
             w_expert + ks[:, None].to(tl.int64) * stride_wi + cols[None, :].to(tl.int64) * stride_wn,
             mask=k_ok[:, None] & col_ok[None, :],
@@ -259,7 +254,11 @@ def _grouped_mm_kernel(
             other=0.0,
         )
         acc = tl.dot(a, w, acc)
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * N + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 @triton.jit
@@ -288,7 +287,7 @@ def _weight_grad_kernel(
 _DECODE_MAX_SLOTS = 64
 
 
-def launch_config(slots: int, num_experts: int, H: int, I: int) -> dict:
+def launch_config(slots: int, num_experts: int, H: int, inter: int) -> dict:
     """Tile sizes for one call (shared with the compile check in tests): decode path, or BLOCK_M by rows/expert."""
     if slots <= _DECODE_MAX_SLOTS:
         return {"PER_SLOT": True, "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
@@ -319,14 +318,14 @@ def moe_experts_triton(
     save_gate_up: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     T, H = hidden.shape
-    E, I = w_down.shape[0], w_down.shape[2]
+    E, inter = w_down.shape[0], w_down.shape[2]
     top_k = topk_ids.shape[1]
     slots = T * top_k
     width = w_gate_up.shape[1]
     device = hidden.device
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
-    config = launch_config(slots, E, H, I)
+    config = launch_config(slots, E, H, inter)
     per_slot, block_m = config["PER_SLOT"], config["BLOCK_M"]
 
     out = torch.empty((T, H), dtype=hidden.dtype, device=device)
@@ -348,12 +347,12 @@ def moe_experts_triton(
         blocks = block_expert.numel()
         dense_row = _positions(sorted_ids)[work_slot.long().clamp(max=slots - 1)] if save_gate_up else ids
     work_rows = blocks * block_m
-    act = torch.empty((work_rows, I), dtype=hidden.dtype, device=device)
+    act = torch.empty((work_rows, inter), dtype=hidden.dtype, device=device)
     y = torch.empty((slots, H), dtype=torch.float32, device=device)
     tiles = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "PER_SLOT")}
     flags = {"HAS_BIAS": False, "ON_INPUT": apply_weights_on_input, "num_warps": config["num_warps"]}
 
-    torch.library.wrap_triton(_up_kernel)[(blocks, triton.cdiv(I, config["BLOCK_N"]))](
+    torch.library.wrap_triton(_up_kernel)[(blocks, triton.cdiv(inter, config["BLOCK_N"]))](
         hidden,
         w_gate_up,
         b_gate_up.contiguous() if b_gate_up is not None else w_gate_up,
@@ -368,7 +367,7 @@ def moe_experts_triton(
         top_k,
         E,
         H,
-        I,
+        inter,
         hidden.stride(0),
         hidden.stride(1),
         w_gate_up.stride(0),
@@ -392,7 +391,7 @@ def moe_experts_triton(
         slots,
         E,
         H,
-        I,
+        inter,
         w_down.stride(0),
         w_down.stride(1),
         w_down.stride(2),

@@ -157,6 +157,7 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    const double flops = 2.0 * total_rows * N * K;
     parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
       const Task& t = tasks[i];
       const int64_t r0 = offsets[t.expert], rows = offsets[t.expert + 1] - r0;
@@ -170,7 +171,7 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
       }
       auto dst = out.narrow(0, r0, rows).narrow(1, t.c0, t.c1 - t.c0);
       at::mm_out(dst, x.narrow(0, r0, rows), w.select(0, t.expert).narrow(0, t.c0, t.c1 - t.c0).t());
-    });
+    }, flops);
   });
 }
 
@@ -214,7 +215,7 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& a, const at::Tensor& b, cons
       const int64_t r0 = off[e], rows = off[e + 1] - off[e];
       at::mm_out(dst, ac.narrow(0, r0, rows).t(), bc.narrow(0, r0, rows));
     }
-  });
+  }, 2.0 * off[E] * M * N);
   return out;
 }
 

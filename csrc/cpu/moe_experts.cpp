@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     // 2. Gather (and scale) the rows.
     auto xs = scratch(1, rows, H, hidden.options());
     scalar_t* xs_ptr = xs.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t slot = sorted_ptr[r];
         const scalar_t* src = x_ptr + (slot / k) * H;
@@ -192,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     // 3-5. Expert MLPs.
     grouped_gemm(xs, wgu, starts.data(), gate_up);
     auto hidden_act = scratch(2, rows, I, hidden.options());
-    at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
       activate_rows(gate_up.data_ptr<scalar_t>(), bgu.defined() ? bgu.const_data_ptr<scalar_t>() : nullptr,
                     row_expert.data(), r0, r1, I, gated, a, hidden_act.data_ptr<scalar_t>());
     });
@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     const scalar_t* bd_ptr = bd.defined() ? bd.const_data_ptr<scalar_t>() : nullptr;
     const int32_t* pos_ptr = position.const_data_ptr<int32_t>();
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(H * k, 1)), [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(H * k, 1)), [&](int64_t t0, int64_t t1) {
       std::vector<opmath_t> acc(at::divup(H, L) * L);
       std::vector<opmath_t> row(acc.size()), bias_row(H);
       for (int64_t t = t0; t < t1; ++t) {
