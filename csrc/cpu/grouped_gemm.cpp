@@ -20,12 +20,21 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t L = Vec::size();
 
-// Rows of an expert up to which the weight-streaming kernel beats a matmul call (measured: ATen's matmul
-// pays ~20 us per call and runs below bandwidth on a handful of rows).
-constexpr int64_t kStreamMaxRows = 8;
 // Output columns per task of the weight-streaming kernel, and the least per matmul task.
 constexpr int64_t kStreamColumns = 64;
 constexpr int64_t kMinMatmulColumns = 128;
+
+// Rows of an expert up to which the weight-streaming kernel beats ATen's matmul (measured on Zen 4 with
+// 64..512-wide K: the matmul packs every weight panel before using it, which at few rows per expert costs as
+// much as the arithmetic; the streaming kernel reads each weight once, prefetched, and keeps it in L1 for all
+// the expert's rows).
+template <typename scalar_t>
+constexpr int64_t stream_max_rows() {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) return 32;
+#endif
+  return 8;
+}
 
 template <typename scalar_t>
 Vec load_float(const scalar_t* p) {
@@ -57,70 +66,101 @@ inline void reduce4(Vec a, Vec b, Vec c, Vec d, float* out) {
 #endif
 }
 
-// out[j][c] = sum_h w[c][h] * x[j][h] for TB rows of x (float, [TB][K]) and the 4 weight rows c0..c0+3,
-// streaming each weight once: 4 x TB independent accumulators hide the FMA latency.
+// res[j][r] = sum_h w[r][h] * x[j][h] for TB rows of x (float) and 4 weight rows: 4 x TB independent
+// accumulators hide the FMA latency. Each step prefetches the next block's weights (4 rows further): the
+// hardware prefetcher does not keep four strided streams far enough ahead.
 template <typename scalar_t, int TB>
-void stream_block4(const float* x, int64_t K, const scalar_t* w, int64_t ldw, float* acc_out /*[TB][4]*/) {
+void dot_block(const float* x, int64_t ldx, int64_t K, const scalar_t* const* w, int64_t ldw, float* res) {
   Vec acc[4][TB];
   for (int r = 0; r < 4; ++r)
     for (int j = 0; j < TB; ++j) acc[r][j] = Vec(0.f);
   int64_t h = 0;
   for (; h + L <= K; h += L) {
     Vec xv[TB];
-    for (int j = 0; j < TB; ++j) xv[j] = Vec::loadu(x + j * K + h);
+    for (int j = 0; j < TB; ++j) xv[j] = Vec::loadu(x + j * ldx + h);
     for (int r = 0; r < 4; ++r) {
-      // The hardware prefetcher does not keep four strided streams ahead: fetch the next rows' line now.
-      __builtin_prefetch(w + (r + 4) * ldw + h);
-      const Vec wv = load_float(w + r * ldw + h);
+      __builtin_prefetch(w[r] + 4 * ldw + h);
+      const Vec wv = load_float(w[r] + h);
       for (int j = 0; j < TB; ++j) acc[r][j] = at::vec::fmadd(wv, xv[j], acc[r][j]);
     }
   }
   for (int j = 0; j < TB; ++j) {
-    reduce4(acc[0][j], acc[1][j], acc[2][j], acc[3][j], acc_out + j * 4);
+    reduce4(acc[0][j], acc[1][j], acc[2][j], acc[3][j], res + j * 4);
     for (int64_t t = h; t < K; ++t)
-      for (int r = 0; r < 4; ++r) acc_out[j * 4 + r] += static_cast<float>(w[r * ldw + t]) * x[j * K + t];
+      for (int r = 0; r < 4; ++r) res[j * 4 + r] += static_cast<float>(w[r][t]) * x[j * ldx + t];
   }
 }
 
-template <typename scalar_t, int TB>
-float stream_dot(const float* x, int64_t K, const scalar_t* w) {
-  Vec acc(0.f);
-  int64_t h = 0;
-  for (; h + L <= K; h += L) acc = at::vec::fmadd(load_float(w + h), Vec::loadu(x + h), acc);
-  float sum = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc);
-  for (; h < K; ++h) sum += static_cast<float>(w[h]) * x[h];
-  return sum;
-}
-
-template <typename scalar_t, int TB>
-void stream_columns(const float* x, int64_t K, const scalar_t* w, int64_t ldw, int64_t c0, int64_t c1,
-                    scalar_t* out, int64_t ldo) {
-  float block[TB * 4];
-  int64_t c = c0;
-  for (; c + 4 <= c1; c += 4) {
-    stream_block4<scalar_t, TB>(x, K, w + c * ldw, ldw, block);
-    for (int j = 0; j < TB; ++j)
-      for (int r = 0; r < 4; ++r) out[j * ldo + c + r] = static_cast<scalar_t>(block[j * 4 + r]);
+#if defined(__AVX512BF16__)
+// The same for bfloat16 operands with AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs along K per instruction
+// into float lanes, twice the work of a float FMA and no conversion.
+template <int TB>
+void dot_block_bf16(const at::BFloat16* x, int64_t ldx, int64_t K, const at::BFloat16* const* w, int64_t ldw,
+                    float* res) {
+  __m512 acc[4][TB];
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < TB; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < K; h += 32) {
+    const __mmask32 m = K - h >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << (K - h)) - 1);
+    __m512i xv[TB];
+    for (int j = 0; j < TB; ++j) xv[j] = _mm512_maskz_loadu_epi16(m, x + j * ldx + h);
+    for (int r = 0; r < 4; ++r) {
+      __builtin_prefetch(w[r] + 4 * ldw + h);
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w[r] + h);
+      for (int j = 0; j < TB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)xv[j], wv);
+    }
   }
-  for (; c < c1; ++c)
-    for (int j = 0; j < TB; ++j) out[j * ldo + c] = static_cast<scalar_t>(stream_dot<scalar_t, TB>(x + j * K, K, w + c * ldw));
+  for (int j = 0; j < TB; ++j) reduce4(acc[0][j], acc[1][j], acc[2][j], acc[3][j], res + j * 4);
+}
+#endif
+
+template <typename scalar_t, int TB>
+void stream_block(const scalar_t* x, const float* xf, int64_t K, const scalar_t* const* w, int64_t ldw,
+                  float* res) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) return dot_block_bf16<TB>(x, K, K, w, ldw, res);
+#endif
+  dot_block<scalar_t, TB>(xf, K, K, w, ldw, res);
 }
 
-// Columns [c0, c1) of out[0:n] = x[0:n] @ w^T for a row-major w ([N, K], row stride ldw), n <= kStreamMaxRows.
+template <typename scalar_t>
+constexpr bool kDotOnFloatCopy = !std::is_same_v<scalar_t, float>
+#if defined(__AVX512BF16__)
+                                 && !std::is_same_v<scalar_t, at::BFloat16>
+#endif
+    ;
+
+// Columns [c0, c1) of out[0:n] = x[0:n] @ w^T for a row-major w ([N, K], row stride ldw), x contiguous [n, K].
+// Columns outer, rows inner: a block of 4 weight rows comes from memory once and stays in L1 for every group of
+// 4 rows of x.
 template <typename scalar_t>
 void stream_gemm(const scalar_t* x, int64_t n, int64_t K, const scalar_t* w, int64_t ldw, int64_t c0, int64_t c1,
                  scalar_t* out, int64_t ldo, std::vector<float>& xf) {
-  xf.resize(n * K);
-  for (int64_t i = 0; i < n * K; ++i) xf[i] = static_cast<float>(x[i]);
-  // Tokens in groups of up to 4: the weight rows of a 4-column block stay in L1 between the groups.
-  for (int64_t j = 0; j < n; j += 4) {
-    const float* xj = xf.data() + j * K;
-    scalar_t* oj = out + j * ldo;
-    switch (std::min<int64_t>(4, n - j)) {
-      case 1: stream_columns<scalar_t, 1>(xj, K, w, ldw, c0, c1, oj, ldo); break;
-      case 2: stream_columns<scalar_t, 2>(xj, K, w, ldw, c0, c1, oj, ldo); break;
-      case 3: stream_columns<scalar_t, 3>(xj, K, w, ldw, c0, c1, oj, ldo); break;
-      default: stream_columns<scalar_t, 4>(xj, K, w, ldw, c0, c1, oj, ldo); break;
+  const float* xf_ptr = nullptr;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    xf_ptr = x;
+  } else if constexpr (kDotOnFloatCopy<scalar_t>) {
+    xf.resize(n * K);
+    at::vec::convert(x, xf.data(), n * K);
+    xf_ptr = xf.data();
+  }
+  float res[16];
+  for (int64_t c = c0; c < c1; c += 4) {
+    const int64_t columns = std::min<int64_t>(4, c1 - c);
+    const scalar_t* rows[4];
+    for (int r = 0; r < 4; ++r) rows[r] = w + (c + std::min<int64_t>(r, columns - 1)) * ldw;  // tail: repeat
+    for (int64_t j = 0; j < n; j += 4) {
+      const scalar_t* xj = x + j * K;
+      const float* xfj = xf_ptr ? xf_ptr + j * K : nullptr;
+      const int64_t tb = std::min<int64_t>(4, n - j);
+      switch (tb) {
+        case 1: stream_block<scalar_t, 1>(xj, xfj, K, rows, ldw, res); break;
+        case 2: stream_block<scalar_t, 2>(xj, xfj, K, rows, ldw, res); break;
+        case 3: stream_block<scalar_t, 3>(xj, xfj, K, rows, ldw, res); break;
+        default: stream_block<scalar_t, 4>(xj, xfj, K, rows, ldw, res); break;
+      }
+      for (int64_t t = 0; t < tb; ++t)
+        for (int64_t r = 0; r < columns; ++r) out[(j + t) * ldo + c + r] = static_cast<scalar_t>(res[t * 4 + r]);
     }
   }
 }
@@ -134,6 +174,9 @@ struct Task {
 void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offsets, at::Tensor& out) {
   const int64_t E = w.size(0), N = w.size(1), K = w.size(2);
   const bool streamable = x.scalar_type() != at::kDouble && w.stride(2) == 1;
+  int64_t max_stream_rows = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stream_max_rows",
+                                  [&] { max_stream_rows = stream_max_rows<scalar_t>(); });
   const int64_t threads = at::get_num_threads();
 
   // Matmul tasks: split each expert's columns in proportion to its rows, aiming at ~8 tasks per thread.
@@ -144,7 +187,7 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
     const int64_t rows = offsets[e + 1] - offsets[e];
     if (rows == 0) continue;
     int64_t width;
-    if (streamable && rows <= kStreamMaxRows) {
+    if (streamable && rows <= max_stream_rows) {
       width = kStreamColumns;
     } else {
       const int64_t parts = std::max<int64_t>(1, (8 * threads * rows + total_rows - 1) / total_rows);
@@ -162,7 +205,7 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
       const Task& t = tasks[i];
       const int64_t r0 = offsets[t.expert], rows = offsets[t.expert + 1] - r0;
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        if (streamable && rows <= kStreamMaxRows) {
+        if (streamable && rows <= max_stream_rows) {
           thread_local std::vector<float> xf;
           stream_gemm(x_ptr + r0 * K, rows, K, w_ptr + t.expert * w.stride(0), w.stride(1), t.c0, t.c1,
                       out_ptr + r0 * N, N, xf);
