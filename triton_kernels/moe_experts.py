@@ -54,6 +54,36 @@ def _mma(acc, a, b, USE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _rows_times_weight(
+    row_ptrs,
+    row_ok,
+    K,
+    w_ptr,
+    stride_wk,
+    stride_wn,
+    cols,
+    col_ok,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_N] float32 = rows [BLOCK_M, K] (contiguous, starting at row_ptrs) @ w[:K, cols]."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(row_ptrs[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + ks[:, None].to(tl.int64) * stride_wk + cols[None, :].to(tl.int64) * stride_wn,
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        acc = _mma(acc, a, w, USE_DOT)
+    return acc
+
+
+@triton.jit
 def _work_rows(
     work_slot_ptr, block_expert_ptr, ids_ptr, pid_m, slots, E, BLOCK_M: tl.constexpr, PER_SLOT: tl.constexpr
 ):
@@ -182,18 +212,20 @@ def _down_kernel(
         return
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
-    w_expert = w_ptr + expert.to(tl.int64) * stride_we
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < inter
-        a = tl.load(act_ptr + rows[:, None] * inter + ks[None, :], mask=real[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(
-            w_expert + ks[:, None].to(tl.int64) * stride_wi + cols[None, :].to(tl.int64) * stride_wn,
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        acc = _mma(acc, a, w, not PER_SLOT)
+    acc = _rows_times_weight(
+        act_ptr + rows * inter,
+        real,
+        inter,
+        w_ptr + expert.to(tl.int64) * stride_we,
+        stride_wi,
+        stride_wn,
+        cols,
+        col_ok,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        not PER_SLOT,
+    )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert.to(tl.int64) * H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if not ON_INPUT:
@@ -243,17 +275,9 @@ def _grouped_mm_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w_expert = w_ptr + expert.to(tl.int64) * stride_we
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(
-            w_expert + ks[:, None].to(tl.int64) * stride_wk + cols[None, :].to(tl.int64) * stride_wn,
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a, w, acc)
+    acc = _rows_times_weight(
+        x_ptr + rows * K, row_ok, K, w_expert, stride_wk, stride_wn, cols, col_ok, BLOCK_M, BLOCK_N, BLOCK_K, True
+    )
     tl.store(
         out_ptr + rows[:, None] * N + cols[None, :],
         acc.to(out_ptr.dtype.element_ty),
