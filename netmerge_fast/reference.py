@@ -183,4 +183,9 @@ def moe_experts(
         if b_down is not None:
             y = y + b_down[e].to(dtype)
         per_slot = per_slot.index_put((token, slot), y if apply_weights_on_input else y * w)
+    if per_slot.grad_fn is None and torch.is_grad_enabled():
+        # Nothing was routed (T = 0, or every id -1): the output is still a function of the inputs, with zero
+        # gradients, as on the fused backends.
+        inputs = (hidden, w_gate_up, w_down, topk_weights, b_gate_up, b_down)
+        per_slot = per_slot + sum(0.0 * t.sum() for t in inputs if t is not None and t.requires_grad)
     return per_slot.sum(1).to(hidden.dtype)

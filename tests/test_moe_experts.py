@@ -173,6 +173,20 @@ def test_gradients_match_reference(options, dtype, backend, T, gen):
         torch.testing.assert_close(g.float(), w.float(), **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [0, 3])
+def test_nothing_routed_gives_zeros_and_zero_gradients(T, backend, gen):
+    args, kwargs = make_inputs(gen, T, 2, 3, 8, 6, bias=True, ids=torch.full((T, 2), -1))
+    device = device_for(backend)
+    leaves = [a.to(device).requires_grad_(a.is_floating_point()) for a in args]
+    biases = {k: v.to(device).requires_grad_() for k, v in kwargs.items()}
+    out = nf.moe_experts(*leaves, backend=backend, **biases)
+    assert out.shape == (T, 8) and (out == 0).all()
+    out.sum().backward()
+    for t in [*leaves[:4], *biases.values()]:
+        assert t.grad is not None and (t.grad == 0).all()
+
+
 @pytest.mark.skipif("cpu" not in FUSED, reason="needs the cpu backend")
 @pytest.mark.parametrize(
     "options",
