@@ -48,7 +48,8 @@ def _gated(gate, up, ACT: tl.constexpr):
 def _mma(acc, a, b, USE_DOT: tl.constexpr):
     """acc [M, N] += a [M, K] @ b [K, N]; tensor cores when M is a full tile, FMAs for a single decode row."""
     if USE_DOT:
-        return tl.dot(a, b, acc)
+        # float32 operands multiply in full precision (no TF32), as torch.matmul does by default.
+        return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return acc + tl.sum(a[:, :, None].to(tl.float32) * b[None, :, :].to(tl.float32), axis=1)
 
@@ -302,7 +303,7 @@ def _weight_grad_kernel(
         rs = rs.to(tl.int64)
         a = tl.load(a_ptr + rs[None, :] * M + ms[:, None], mask=r_ok[None, :] & (ms < M)[:, None], other=0.0)
         b = tl.load(b_ptr + rs[:, None] * N + ns[None, :], mask=r_ok[:, None] & (ns < N)[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
     out = out_ptr + expert.to(tl.int64) * M * N + ms[:, None].to(tl.int64) * N + ns[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(ms < M)[:, None] & (ns < N)[None, :])
 
