@@ -101,11 +101,15 @@ void activate_rows(scalar_t* gate_up, const scalar_t* bias, const int32_t* row_e
 }
 
 // Intermediate buffers that outlive the call, one set per calling thread: a fresh multi-megabyte allocation
-// costs a page fault per 4 KB on every call, as much as the activation pass itself.
+// costs a page fault per 4 KB on every call, as much as the activation pass itself. Beyond kScratchBytes a
+// buffer is allocated per call instead, so one huge batch does not pin its memory for the process's lifetime.
+constexpr int64_t kScratchBytes = int64_t{256} << 20;
+
 at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  const int64_t need = std::max<int64_t>(rows * cols, 1);
+  if (need * static_cast<int64_t>(options.dtype().itemsize()) > kScratchBytes) return at::empty({rows, cols}, options);
   thread_local std::array<at::Tensor, 4> cache;
   at::Tensor& buffer = cache[slot];
-  const int64_t need = std::max<int64_t>(rows * cols, 1);
   if (!buffer.defined() || buffer.numel() < need || buffer.dtype() != options.dtype())
     buffer = at::empty({need}, options);
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
