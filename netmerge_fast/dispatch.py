@@ -187,7 +187,7 @@ def _validate(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gat
         _checks.same_device(name, t, "hidden", hidden)
     # A value check costs a host sync: done for CPU tensors in eager mode (the C++ kernel checks again).
     if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
-        low, high = topk_ids.min().item(), topk_ids.max().item()
+        low, high = (v.item() for v in torch.aminmax(topk_ids))
         if low < -1 or high >= E:
             raise ValueError(f"topk_ids must be in [-1, E={E}) (-1: routed nowhere), got values in [{low}, {high}]")
     for name, bias, shape in (("b_gate_up", b_gate_up, (E, width)), ("b_down", b_down, (E, H))):

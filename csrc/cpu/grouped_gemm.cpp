@@ -199,6 +199,9 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
     const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     const double flops = 2.0 * total_rows * N * K;
+    int64_t active = 0;
+    for (int64_t e = 0; e < E; ++e) active += offsets[e + 1] > offsets[e];
+    const double weight_bytes = static_cast<double>(active) * N * K * sizeof(scalar_t);
     parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
       const Task& t = tasks[i];
       const int64_t r0 = offsets[t.expert], rows = offsets[t.expert + 1] - r0;
@@ -212,7 +215,7 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
       }
       auto dst = out.narrow(0, r0, rows).narrow(1, t.c0, t.c1 - t.c0);
       at::mm_out(dst, x.narrow(0, r0, rows), w.select(0, t.expert).narrow(0, t.c0, t.c1 - t.c0).t());
-    }, flops);
+    }, flops, weight_bytes);
   });
 }
 

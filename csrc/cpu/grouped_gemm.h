@@ -18,10 +18,12 @@ namespace netmerge::cpu {
 void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offsets, at::Tensor& out);
 
 // Runs fn(i) for i in [0, n) on all threads, handing tasks out one at a time (tasks of uneven size balance).
-// Work below ~50 us (flops < kParallelFlops) runs on the calling thread: waking the others costs more.
+// Work below ~50 us (fewer than kParallelFlops flops and kParallelBytes bytes read from memory) runs on the
+// calling thread: waking the others costs more.
 constexpr double kParallelFlops = 4e6;
+constexpr double kParallelBytes = 1 << 20;
 template <typename F>
-void parallel_tasks(int64_t n, const F& fn, double flops = kParallelFlops);
+void parallel_tasks(int64_t n, const F& fn, double flops = kParallelFlops, double bytes = 0);
 
 }  // namespace netmerge::cpu
 
@@ -31,11 +33,12 @@ void parallel_tasks(int64_t n, const F& fn, double flops = kParallelFlops);
 #include <atomic>
 
 template <typename F>
-void netmerge::cpu::parallel_tasks(int64_t n, const F& fn, double flops) {
+void netmerge::cpu::parallel_tasks(int64_t n, const F& fn, double flops, double bytes) {
   if (n <= 0) return;
   const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, flops < kParallelFlops ? workers : 1, [&](int64_t, int64_t) {
+  const bool worth_it = flops >= kParallelFlops || bytes >= kParallelBytes;
+  at::parallel_for(0, workers, worth_it ? 1 : workers, [&](int64_t, int64_t) {
     // Worker threads do not inherit the caller's dispatch state: the ATen calls in fn are below autograd.
     at::AutoDispatchBelowAutograd below_autograd;
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
