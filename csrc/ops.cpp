@@ -9,9 +9,25 @@ TORCH_LIBRARY(netmerge, m) {
   m.def(
       "topk_gating(Tensor router_logits, int k, str scoring, bool renormalize, Tensor? bias, int num_groups, "
       "int topk_groups, str group_score, bool softmax_after_topk, float scale) -> (Tensor weights, Tensor ids)");
+  m.def(
+      "moe_align(Tensor topk_ids, int num_experts, int block_size) -> (Tensor sorted_token_ids, "
+      "Tensor expert_offsets, Tensor block_expert_ids, Tensor padded_length)");
+  m.def(
+      "moe_experts(Tensor hidden, Tensor w_gate_up, Tensor w_down, Tensor topk_weights, Tensor topk_ids, "
+      "str activation, bool gated, Tensor? b_gate_up, Tensor? b_down, bool apply_weights_on_input, "
+      "bool save_gate_up) -> "
+      "(Tensor out, Tensor sorted_token_ids, Tensor expert_offsets, Tensor gate_up)");
+  m.def("grouped_mm(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor");
+  m.def("grouped_mm_weight_grad(Tensor a, Tensor b, Tensor expert_offsets) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(netmerge, CPU, m) { m.impl("topk_gating", &netmerge::cpu::topk_gating); }
+TORCH_LIBRARY_IMPL(netmerge, CPU, m) {
+  m.impl("topk_gating", &netmerge::cpu::topk_gating);
+  m.impl("moe_align", &netmerge::cpu::moe_align);
+  m.impl("moe_experts", &netmerge::cpu::moe_experts);
+  m.impl("grouped_mm", &netmerge::cpu::grouped_mm);
+  m.impl("grouped_mm_weight_grad", &netmerge::cpu::grouped_mm_weight_grad);
+}
 
 // Importing the module runs the registrations above; it exposes nothing itself.
 PYBIND11_MODULE(_C, m) { m.doc() = "netmerge_fast native ops, reached through torch.ops.netmerge"; }

@@ -15,4 +15,16 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t
                                                c10::string_view group_score, bool softmax_after_topk,
                                                double scale);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::Tensor& topk_ids, int64_t num_experts,
+                                                                     int64_t block_size);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
+    const at::Tensor& hidden, const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& topk_weights,
+    const at::Tensor& topk_ids, c10::string_view activation, bool gated, const std::optional<at::Tensor>& b_gate_up,
+    const std::optional<at::Tensor>& b_down, bool apply_weights_on_input, bool save_gate_up);
+
+at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets);
+
+at::Tensor grouped_mm_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets);
+
 }  // namespace netmerge::cpu

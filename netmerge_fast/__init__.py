@@ -4,6 +4,7 @@ Every op takes ``backend="auto"``; ``backends()`` tells which backends this mach
 """
 
 from netmerge_fast._backends import BackendStatus, backends
+from netmerge_fast.dispatch import moe_align, moe_experts
 from netmerge_fast.routing import expert_counts, load_balancing_loss, router_z_loss, topk_gating
 
 __version__ = "0.1.0"
@@ -13,6 +14,8 @@ __all__ = [
     "backends",
     "expert_counts",
     "load_balancing_loss",
+    "moe_align",
+    "moe_experts",
     "router_z_loss",
     "topk_gating",
 ]

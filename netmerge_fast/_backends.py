@@ -36,6 +36,9 @@ class _Impl:
 # Per op, in the order "auto" prefers them. The torch backend (reference.py) is always last and always there.
 _OPS: dict[str, tuple[_Impl, ...]] = {
     "topk_gating": (_Impl("triton"), _Impl("cpu"), _Impl("torch", None)),
+    "moe_align": (_Impl("triton"), _Impl("cpu"), _Impl("torch", None)),
+    # float64 on cpu: gradcheck of the fused path.
+    "moe_experts": (_Impl("triton"), _Impl("cpu", (*FUSED_DTYPES, torch.float64)), _Impl("torch", None)),
 }
 
 

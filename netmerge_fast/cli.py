@@ -3,6 +3,7 @@
 netmerge-fast bench                 the default suite (every suite below), CPU
 netmerge-fast bench topk            one suite
 netmerge-fast bench topk --json out.json --quick
+netmerge-fast bench dispatch layer --dtype bfloat16 --plot out.png
 netmerge-fast backends              what this machine can run
 """
 
@@ -15,8 +16,12 @@ import sys
 import torch
 
 # Suite name -> module in netmerge_fast.bench exposing run(**kwargs) -> rows and COLUMNS.
-SUITES = {"topk": "netmerge_fast.bench.topk"}
-DEFAULT_SUITES = ("topk",)
+SUITES = {
+    "topk": "netmerge_fast.bench.topk",
+    "dispatch": "netmerge_fast.bench.dispatch",
+    "layer": "netmerge_fast.bench.layer",
+}
+DEFAULT_SUITES = ("topk", "dispatch", "layer")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,6 +48,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, results, device)
         print(f"\nwrote {args.json}")
+    if args.plot:
+        from netmerge_fast.bench.plot import plot
+
+        plot(results, args.plot, title=f"netmerge-fast bench ({args.dtype}, {device})")
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -65,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="fewer, smaller cases (seconds, for smoke tests)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--plot", metavar="PATH", help="also draw the speed-ups as a PNG (needs matplotlib)")
     bench.set_defaults(func=_bench)
 
     backends = sub.add_parser("backends", help="which backends this machine has, and why not")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compute_dtype", "softmax_with_limits", "topk_gating"]
+__all__ = ["compute_dtype", "moe_align", "moe_experts", "softmax_with_limits", "topk_gating"]
 
 RENORM_EPS = 1e-20
 
@@ -94,3 +94,98 @@ def topk_gating(
         if renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + RENORM_EPS)
     return weights * scale, ids.to(torch.int32)
+
+
+# GPT-OSS's clamped SwiGLU (transformers' GptOssExperts._apply_gate): alpha and limit as in its config.
+SWIGLU_OAI_ALPHA = 1.702
+SWIGLU_OAI_LIMIT = 7.0
+
+
+def elementwise_activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The activation of a non-gated expert, or of the gate half of a gated one (not ``swiglu_oai``)."""
+    if name == "silu":
+        return torch.nn.functional.silu(x)
+    if name == "gelu":
+        return torch.nn.functional.gelu(x)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if name == "relu":
+        return torch.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up; for ``swiglu_oai``: (clamp(up, -7, 7) + 1) * g * sigmoid(1.702 g) with g = min(gate, 7)."""
+    if name == "swiglu_oai":
+        g = gate.clamp(max=SWIGLU_OAI_LIMIT)
+        u = up.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT)
+        return (u + 1) * g * torch.sigmoid(g * SWIGLU_OAI_ALPHA)
+    return elementwise_activation(name, gate) * up
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_size: int | None = None) -> tuple[torch.Tensor, ...]:
+    flat = topk_ids.reshape(-1).long()
+    slots = flat.numel()
+    # Slots routed nowhere (id -1) sort behind every expert, as if they went to expert E.
+    expert = torch.where(flat < 0, num_experts, flat)
+    order = torch.sort(expert, stable=True).indices
+    counts = torch.bincount(expert, minlength=num_experts + 1)[:num_experts]
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    if block_size is None:
+        return order.to(torch.int32), offsets
+    padded_counts = (counts + block_size - 1) // block_size * block_size
+    padded_starts = torch.cat([counts.new_zeros(1), padded_counts.cumsum(0)])
+    capacity = slots + num_experts * (block_size - 1)
+    sorted_ids = torch.full((capacity,), slots, dtype=torch.int64, device=flat.device)
+    valid = expert < num_experts
+    sorted_expert = expert[order][: valid.sum()]
+    rank = torch.arange(sorted_expert.numel(), device=flat.device) - offsets[sorted_expert].long()
+    sorted_ids[padded_starts[sorted_expert] + rank] = order[: sorted_expert.numel()]
+    block_expert = torch.full((capacity // block_size,), -1, dtype=torch.int64, device=flat.device)
+    blocks = torch.arange(block_expert.numel(), device=flat.device) * block_size
+    in_use = blocks < padded_starts[-1]
+    owner = torch.searchsorted(padded_starts[1:], blocks, right=True)
+    block_expert = torch.where(in_use, owner, block_expert)
+    padded_length = padded_starts[-1:].to(torch.int32)
+    return sorted_ids.to(torch.int32), offsets, block_expert.to(torch.int32), padded_length
+
+
+def moe_experts(
+    hidden: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    gated: bool = True,
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    apply_weights_on_input: bool = False,
+) -> torch.Tensor:
+    dtype = compute_dtype(hidden)
+    T, k = topk_ids.shape
+    x = hidden.to(dtype)
+    weights = topk_weights.to(dtype)
+    inter = w_down.shape[2]
+    per_slot = x.new_zeros(T, k, x.shape[1])
+    for e in range(w_gate_up.shape[0]):
+        token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        w = weights[token, slot, None]
+        rows = x[token] * w if apply_weights_on_input else x[token]
+        h = rows @ w_gate_up[e].to(dtype).T
+        if b_gate_up is not None:
+            h = h + b_gate_up[e].to(dtype)
+        a = gated_activation(activation, h[:, :inter], h[:, inter:]) if gated else elementwise_activation(activation, h)
+        y = a @ w_down[e].to(dtype).T
+        if b_down is not None:
+            y = y + b_down[e].to(dtype)
+        per_slot = per_slot.index_put((token, slot), y if apply_weights_on_input else y * w)
+    if per_slot.grad_fn is None and torch.is_grad_enabled():
+        # Nothing was routed (T = 0, or every id -1): the output is still a function of the inputs, with zero
+        # gradients, as on the fused backends.
+        inputs = (hidden, w_gate_up, w_down, topk_weights, b_gate_up, b_down)
+        per_slot = per_slot + sum(0.0 * t.sum() for t in inputs if t is not None and t.requires_grad)
+    return per_slot.sum(1).to(hidden.dtype)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from netmerge_fast import cli
 
 
@@ -15,6 +17,31 @@ def test_bench_topk_quick_writes_json(tmp_path, capsys):
     assert {row["shape"] for row in rows} == {"mixtral E8 k2", "E64 k6", "qwen3 E128 k8", "deepseek-v3 E256 k8"}
     for row in rows:
         assert row["ours_us"] > 0 and row["x_reference"] > 0 and row["GB/s"] > 0
+
+
+def test_bench_dispatch_and_layer_quick(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "dispatch", "layer", "--quick", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "## dispatch" in printed and "of_limit" in printed
+    rows = json.loads(out.read_text())["suites"]["dispatch"]
+    assert {row["T"] for row in rows} == {1, 64}
+    for row in rows:
+        assert row["ours_us"] > 0 and row["x_reference"] > 0 and row["of_limit"] > 0
+        assert row["limit"] == ("bandwidth" if row["T"] == 1 else "dense mm")
+
+
+def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from netmerge_fast.bench.plot import plot
+
+    rows = [
+        {"shape": "a", "T": 1, "x_reference": 3.0, "x_hf_eager": 1.5, "of_limit": 0.8},
+        {"shape": "a", "T": 64, "x_reference": 2.0, "x_hf_eager": 0.9, "of_limit": 0.6},
+    ]
+    png = tmp_path / "bench.png"
+    plot({"dispatch": rows, "topk": [{"shape": "b", "T": 1, "x_reference": 4.0}]}, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_unknown_suite_is_an_error(capsys):

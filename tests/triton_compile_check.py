@@ -46,6 +46,83 @@ def cases():
         constexprs, num_warps = topk.launch_config(*args)
         signature = dict(TOPK_SIGNATURE, x_ptr="*bf16") if name.endswith("bf16") else TOPK_SIGNATURE
         yield f"topk_gating/{name}", topk._topk_gating_kernel, signature, constexprs, num_warps
+    yield from moe_cases()
+
+
+def _pointers(dtype, *names):
+    return {name: dtype for name in names}
+
+
+ALIGN_SIGNATURE = {
+    **_pointers("*i32", "ids_ptr", "counts_ptr", "sorted_ptr", "offsets_ptr", "padded_ptr", "block_expert_ptr"),
+    "padded_length_ptr": "*i32",
+    "slots": "i32",
+    "E": "i32",
+    "block_size": "i32",
+}
+_ROUTING = {"topk_w_ptr": "*fp32", "ids_ptr": "*i32", "work_slot_ptr": "*i32", "block_expert_ptr": "*i32"}
+_SIZES = {"slots": "i32", "E": "i32", "H": "i32", "inter": "i32"}
+UP_SIGNATURE = {
+    **_pointers("*bf16", "hidden_ptr", "w_ptr", "bias_ptr", "act_ptr", "gate_up_ptr"),
+    **_ROUTING,
+    "dense_row_ptr": "*i32",
+    **_SIZES,
+    "top_k": "i32",
+    **_pointers("i64", "stride_ht", "stride_hh", "stride_we", "stride_wn", "stride_wh"),
+}
+DOWN_SIGNATURE = {
+    **_pointers("*bf16", "act_ptr", "w_ptr", "bias_ptr"),
+    **_ROUTING,
+    "y_ptr": "*fp32",
+    **_SIZES,
+    **_pointers("i64", "stride_we", "stride_wn", "stride_wi"),
+}
+COMBINE_SIGNATURE = {"y_ptr": "*fp32", "ids_ptr": "*i32", "out_ptr": "*bf16", "top_k": "i32", "E": "i32", "H": "i32"}
+GROUPED_MM_SIGNATURE = {
+    **_pointers("*bf16", "x_ptr", "w_ptr", "out_ptr"),
+    **_pointers("*i32", "offsets_ptr", "tile_expert_ptr", "tile_row_ptr"),
+    "K": "i32",
+    "N": "i32",
+    **_pointers("i64", "stride_we", "stride_wk", "stride_wn"),
+}
+WEIGHT_GRAD_SIGNATURE = {
+    **_pointers("*bf16", "a_ptr", "b_ptr", "out_ptr"),
+    "offsets_ptr": "*i32",
+    "M": "i32",
+    "N": "i32",
+}
+
+# (slots, E, H, I, activation, gated, has_bias, apply_weights_on_input): the standard shapes, prefill and decode.
+MOE_CASES = {
+    "mixtral_prefill": (4096 * 2, 8, 4096, 14336, "silu", True, False, False),
+    "qwen3_prefill": (4096 * 8, 128, 2048, 768, "silu", True, False, False),
+    "qwen3_decode": (8, 128, 2048, 768, "silu", True, False, False),
+    "gpt_oss_prefill": (512 * 4, 32, 2880, 2880, "swiglu_oai", True, True, False),
+    "gelu_ungated_on_input_decode": (4, 8, 256, 512, "gelu", False, True, True),
+    "gelu_tanh_prefill": (1024, 16, 256, 512, "gelu_tanh", True, False, False),
+    "relu_ungated_prefill": (1024, 16, 256, 512, "relu", False, False, True),
+}
+
+
+def moe_cases():
+    align = importlib.import_module("netmerge_fast.triton_kernels.moe_align")
+    moe = importlib.import_module("netmerge_fast.triton_kernels.moe_experts")
+    count_signature = {"ids_ptr": "*i32", "counts_ptr": "*i32", "slots": "i32", "E": "i32"}
+    yield "moe_align/count", align._count_kernel, count_signature, {"BLOCK": align._BLOCK}, 4
+    for padded in (False, True):
+        constexprs = {"BLOCK": align._BLOCK, "E_PAD": 256, "PADDED": padded}
+        yield f"moe_align/place_padded={padded}", align._place_kernel, ALIGN_SIGNATURE, constexprs, 4
+    for name, (slots, E, H, inter, activation, gated, has_bias, on_input) in MOE_CASES.items():
+        config = moe.launch_config(slots, E, H, inter)
+        tiles = {key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "PER_SLOT")}
+        flags = {"HAS_BIAS": has_bias, "ON_INPUT": on_input}
+        up = {**tiles, **flags, "GATED": gated, "ACT": moe.ACTIVATION_CODES[activation], "SAVE": True}
+        yield f"moe_experts/up/{name}", moe._up_kernel, UP_SIGNATURE, up, config["num_warps"]
+        yield f"moe_experts/down/{name}", moe._down_kernel, DOWN_SIGNATURE, {**tiles, **flags}, config["num_warps"]
+    yield "moe_experts/combine", moe._combine_kernel, COMBINE_SIGNATURE, {"BLOCK_H": 1024}, 4
+    yield "moe_experts/grouped_mm", moe._grouped_mm_kernel, GROUPED_MM_SIGNATURE, moe._GROUPED_TILE, 4
+    tile = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32}
+    yield "moe_experts/weight_grad", moe._weight_grad_kernel, WEIGHT_GRAD_SIGNATURE, tile, 4
 
 
 def main(archs):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["copy_rate", "format_table", "time_call", "write_json"]
+__all__ = ["copy_rate", "format_table", "read_rate", "time_call", "write_json"]
 
 
 def _sync(device: torch.device) -> None:
@@ -71,6 +71,23 @@ def copy_rate(nbytes: int, device: torch.device | str = "cpu") -> float:
         seconds = time_call(lambda: dst.copy_(src), device)
         _copy_rates[key] = 2 * src.numel() / seconds
     return _copy_rates[key]
+
+
+_read_rates: dict[str, float] = {}
+
+# Larger than any last-level cache we run on (32 MB here), so the rate is that of memory.
+READ_BYTES = 512 << 20
+
+
+def read_rate(device: torch.device | str = "cpu") -> float:
+    """Bytes per second read by ``sum`` over a buffer of READ_BYTES, measured here (filled with data: untouched
+    memory maps to one shared zero page and reads at cache speed)."""
+    device = torch.device(device)
+    if str(device) not in _read_rates:
+        buffer = torch.randn(READ_BYTES // 4, device=device)
+        seconds = time_call(buffer.sum, device)
+        _read_rates[str(device)] = READ_BYTES / seconds
+    return _read_rates[str(device)]
 
 
 def _cell(value: Any) -> str:

@@ -1,0 +1,266 @@
+// Grouped GEMM on CPU (see grouped_gemm.h) and the two grouped_mm ops of moe_experts' backward.
+#include "cpu/grouped_gemm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "ops.h"
+
+namespace netmerge::cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t L = Vec::size();
+
+// The least output columns per task of the weight-streaming kernel and of a matmul.
+constexpr int64_t kMinStreamColumns = 64;
+constexpr int64_t kMinMatmulColumns = 128;
+
+// Rows of an expert up to which the weight-streaming kernel beats ATen's matmul (measured on Zen 4 with
+// 64..512-wide K: the matmul packs every weight panel before using it, which at few rows per expert costs as
+// much as the arithmetic; the streaming kernel reads each weight once, prefetched, and keeps it in L1 for all
+// the expert's rows).
+template <typename scalar_t>
+constexpr int64_t stream_max_rows() {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) return 32;
+#endif
+  return 8;
+}
+
+template <typename scalar_t>
+Vec load_float(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec v;
+    at::vec::load_to_float(p, v);
+    return v;
+  }
+}
+
+// The four horizontal sums of a, b, c, d. One reduction per output costs as much as a short dot product
+// itself; reducing four at once shares the shuffles.
+inline void reduce4(Vec a, Vec b, Vec c, Vec d, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  q = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4E));
+  q = _mm512_add_ps(q, _mm512_permute_ps(q, 0xB1));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, q);
+  out[0] = lanes[0], out[1] = lanes[4], out[2] = lanes[8], out[3] = lanes[12];
+#else
+  const auto sum = [](Vec x, Vec y) { return x + y; };
+  out[0] = at::vec::vec_reduce_all<float>(sum, a), out[1] = at::vec::vec_reduce_all<float>(sum, b);
+  out[2] = at::vec::vec_reduce_all<float>(sum, c), out[3] = at::vec::vec_reduce_all<float>(sum, d);
+#endif
+}
+
+// res[j][r] = sum_h w[r][h] * x[j][h] for TB rows of x (float) and 4 weight rows: 4 x TB independent
+// accumulators hide the FMA latency. Each step prefetches into L2 the weights 16 rows (4 blocks) further: the
+// hardware prefetcher does not keep four strided streams far enough ahead, and one thread then reads at about
+// the rate of a sequential `sum` (measured on Zen 4; 4 rows ahead, or into L1, reached half of it).
+template <typename scalar_t, int TB>
+void dot_block(const float* x, int64_t ldx, int64_t K, const scalar_t* const* w, int64_t ldw, float* res) {
+  Vec acc[4][TB];
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < TB; ++j) acc[r][j] = Vec(0.f);
+  int64_t h = 0;
+  for (; h + L <= K; h += L) {
+    Vec xv[TB];
+    for (int j = 0; j < TB; ++j) xv[j] = Vec::loadu(x + j * ldx + h);
+    for (int r = 0; r < 4; ++r) {
+      __builtin_prefetch(w[r] + 16 * ldw + h, 0, 1);
+      const Vec wv = load_float(w[r] + h);
+      for (int j = 0; j < TB; ++j) acc[r][j] = at::vec::fmadd(wv, xv[j], acc[r][j]);
+    }
+  }
+  for (int j = 0; j < TB; ++j) {
+    reduce4(acc[0][j], acc[1][j], acc[2][j], acc[3][j], res + j * 4);
+    for (int64_t t = h; t < K; ++t)
+      for (int r = 0; r < 4; ++r) res[j * 4 + r] += static_cast<float>(w[r][t]) * x[j * ldx + t];
+  }
+}
+
+#if defined(__AVX512BF16__)
+// The same for bfloat16 operands with AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs along K per instruction
+// into float lanes, twice the work of a float FMA and no conversion.
+template <int TB>
+void dot_block_bf16(const at::BFloat16* x, int64_t ldx, int64_t K, const at::BFloat16* const* w, int64_t ldw,
+                    float* res) {
+  __m512 acc[4][TB];
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < TB; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < K; h += 32) {
+    const __mmask32 m = K - h >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << (K - h)) - 1);
+    __m512i xv[TB];
+    for (int j = 0; j < TB; ++j) xv[j] = _mm512_maskz_loadu_epi16(m, x + j * ldx + h);
+    for (int r = 0; r < 4; ++r) {
+      __builtin_prefetch(w[r] + 16 * ldw + h, 0, 1);
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w[r] + h);
+      for (int j = 0; j < TB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)xv[j], wv);
+    }
+  }
+  for (int j = 0; j < TB; ++j) reduce4(acc[0][j], acc[1][j], acc[2][j], acc[3][j], res + j * 4);
+}
+#endif
+
+template <typename scalar_t, int TB>
+void stream_block(const scalar_t* x, const float* xf, int64_t K, const scalar_t* const* w, int64_t ldw,
+                  float* res) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) return dot_block_bf16<TB>(x, K, K, w, ldw, res);
+#endif
+  dot_block<scalar_t, TB>(xf, K, K, w, ldw, res);
+}
+
+template <typename scalar_t>
+constexpr bool kDotOnFloatCopy = !std::is_same_v<scalar_t, float>
+#if defined(__AVX512BF16__)
+                                 && !std::is_same_v<scalar_t, at::BFloat16>
+#endif
+    ;
+
+// Columns [c0, c1) of out[0:n] = x[0:n] @ w^T for a row-major w ([N, K], row stride ldw), x contiguous [n, K].
+// Columns outer, rows inner: a block of 4 weight rows comes from memory once and stays in L1 for every group of
+// 4 rows of x.
+template <typename scalar_t>
+void stream_gemm(const scalar_t* x, int64_t n, int64_t K, const scalar_t* w, int64_t ldw, int64_t c0, int64_t c1,
+                 scalar_t* out, int64_t ldo, std::vector<float>& xf) {
+  const float* xf_ptr = nullptr;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    xf_ptr = x;
+  } else if constexpr (kDotOnFloatCopy<scalar_t>) {
+    xf.resize(n * K);
+    at::vec::convert(x, xf.data(), n * K);
+    xf_ptr = xf.data();
+  }
+  float res[16];
+  for (int64_t c = c0; c < c1; c += 4) {
+    const int64_t columns = std::min<int64_t>(4, c1 - c);
+    const scalar_t* rows[4];
+    for (int r = 0; r < 4; ++r) rows[r] = w + (c + std::min<int64_t>(r, columns - 1)) * ldw;  // tail: repeat
+    for (int64_t j = 0; j < n; j += 4) {
+      const scalar_t* xj = x + j * K;
+      const float* xfj = xf_ptr ? xf_ptr + j * K : nullptr;
+      const int64_t tb = std::min<int64_t>(4, n - j);
+      switch (tb) {
+        case 1: stream_block<scalar_t, 1>(xj, xfj, K, rows, ldw, res); break;
+        case 2: stream_block<scalar_t, 2>(xj, xfj, K, rows, ldw, res); break;
+        case 3: stream_block<scalar_t, 3>(xj, xfj, K, rows, ldw, res); break;
+        default: stream_block<scalar_t, 4>(xj, xfj, K, rows, ldw, res); break;
+      }
+      for (int64_t t = 0; t < tb; ++t)
+        for (int64_t r = 0; r < columns; ++r) out[(j + t) * ldo + c + r] = static_cast<scalar_t>(res[t * 4 + r]);
+    }
+  }
+}
+
+struct Task {
+  int64_t expert, c0, c1;
+};
+
+}  // namespace
+
+void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offsets, at::Tensor& out) {
+  const int64_t E = w.size(0), N = w.size(1), K = w.size(2);
+  const bool streamable = x.scalar_type() != at::kDouble && w.stride(2) == 1;
+  int64_t max_stream_rows = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stream_max_rows",
+                                  [&] { max_stream_rows = stream_max_rows<scalar_t>(); });
+  const int64_t threads = at::get_num_threads();
+
+  // Split each expert's columns in proportion to its rows, aiming at ~8 tasks per thread: long enough runs of
+  // weight rows for the prefetcher, enough tasks to balance the threads.
+  int64_t total_rows = 0;
+  for (int64_t e = 0; e < E; ++e) total_rows += offsets[e + 1] - offsets[e];
+  std::vector<Task> tasks;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t rows = offsets[e + 1] - offsets[e];
+    if (rows == 0) continue;
+    const int64_t parts = std::max<int64_t>(1, (8 * threads * rows + total_rows - 1) / total_rows);
+    const int64_t least = streamable && rows <= max_stream_rows ? kMinStreamColumns : kMinMatmulColumns;
+    const int64_t width = std::max(least, (N + parts - 1) / parts);
+    for (int64_t c = 0; c < N; c += width) tasks.push_back({e, c, std::min(N, c + width)});
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grouped_gemm_cpu", [&] {
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    const double flops = 2.0 * total_rows * N * K;
+    int64_t active = 0;
+    for (int64_t e = 0; e < E; ++e) active += offsets[e + 1] > offsets[e];
+    const double weight_bytes = static_cast<double>(active) * N * K * sizeof(scalar_t);
+    parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+      const Task& t = tasks[i];
+      const int64_t r0 = offsets[t.expert], rows = offsets[t.expert + 1] - r0;
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (streamable && rows <= max_stream_rows) {
+          thread_local std::vector<float> xf;
+          stream_gemm(x_ptr + r0 * K, rows, K, w_ptr + t.expert * w.stride(0), w.stride(1), t.c0, t.c1,
+                      out_ptr + r0 * N, N, xf);
+          return;
+        }
+      }
+      auto dst = out.narrow(0, r0, rows).narrow(1, t.c0, t.c1 - t.c0);
+      at::mm_out(dst, x.narrow(0, r0, rows), w.select(0, t.expert).narrow(0, t.c0, t.c1 - t.c0).t());
+    }, flops, weight_bytes);
+  });
+}
+
+namespace {
+
+std::vector<int64_t> host_offsets(const at::Tensor& offsets, int64_t E) {
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == E + 1, "grouped_mm: expert_offsets must be [E + 1]");
+  const auto off = offsets.to(at::kLong).contiguous();
+  std::vector<int64_t> v(off.const_data_ptr<int64_t>(), off.const_data_ptr<int64_t>() + E + 1);
+  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(0 <= v[e] && v[e] <= v[e + 1], "grouped_mm: bad expert_offsets");
+  return v;
+}
+
+}  // namespace
+
+at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && x.size(1) == w.size(1), "grouped_mm: x [S, K], w [E, K, N]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "grouped_mm: x and w must have the same dtype");
+  const int64_t E = w.size(0), S = x.size(0), N = w.size(2);
+  const auto off = host_offsets(expert_offsets, E);
+  TORCH_CHECK(off[E] <= S, "grouped_mm: expert_offsets run past the rows of x");
+  auto out = at::empty({S, N}, x.options());
+  out.narrow(0, off[E], S - off[E]).zero_();
+  grouped_gemm(x.contiguous(), w.transpose(1, 2), off.data(), out);
+  return out;
+}
+
+at::Tensor grouped_mm_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "grouped_mm_weight_grad: a [S, M], b [S, N]");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "grouped_mm_weight_grad: a and b must have the same dtype");
+  const int64_t E = expert_offsets.size(0) - 1, M = a.size(1), N = b.size(1);
+  const auto off = host_offsets(expert_offsets, E);
+  TORCH_CHECK(off[E] <= a.size(0), "grouped_mm_weight_grad: expert_offsets run past the rows");
+  auto out = at::empty({E, M, N}, a.options());
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  parallel_tasks(E, [&](int64_t e) {
+    auto dst = out.select(0, e);
+    if (off[e + 1] == off[e]) {
+      dst.zero_();
+    } else {
+      const int64_t r0 = off[e], rows = off[e + 1] - off[e];
+      at::mm_out(dst, ac.narrow(0, r0, rows).t(), bc.narrow(0, r0, rows));
+    }
+  }, 2.0 * off[E] * M * N);
+  return out;
+}
+
+}  // namespace netmerge::cpu

@@ -1,0 +1,214 @@
+"""SparseMoE: a drop-in sparse mixture-of-experts layer (router + fused top-k gating + grouped expert dispatch)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from netmerge_fast import _checks, reference
+from netmerge_fast.dispatch import ACTIVATIONS, moe_experts
+from netmerge_fast.routing import load_balancing_loss, router_z_loss, topk_gating
+
+__all__ = ["MoEExperts", "SharedExpert", "SparseMoE"]
+
+
+def _uniform_(weight: torch.Tensor, fan_in: int) -> None:
+    """nn.Linear's default initialisation, per expert."""
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    nn.init.uniform_(weight, -bound, bound)
+
+
+class MoEExperts(nn.Module):
+    """The E expert MLPs as 3-D parameters in Hugging Face transformers 5's layout (and key names).
+
+    ``gate_up_proj [E, 2I, H]`` (gate rows then up rows; ``[E, I, H]`` when not gated), ``down_proj [E, H, I]``,
+    with ``bias``: ``gate_up_proj_bias [E, 2I]`` and ``down_proj_bias [E, H]``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        *,
+        activation: str = "silu",
+        gated: bool = True,
+        bias: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.activation, self.gated, self.backend = activation, gated, backend
+        width = 2 * intermediate_size if gated else intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, width, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, width)) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _uniform_(self.gate_up_proj, self.hidden_size)
+        _uniform_(self.down_proj, self.intermediate_size)
+        if self.gate_up_proj_bias is not None:
+            _uniform_(self.gate_up_proj_bias, self.hidden_size)
+            _uniform_(self.down_proj_bias, self.intermediate_size)
+
+    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return moe_experts(
+            hidden,
+            self.gate_up_proj,
+            self.down_proj,
+            topk_weights,
+            topk_ids,
+            activation=self.activation,
+            gated=self.gated,
+            b_gate_up=self.gate_up_proj_bias,
+            b_down=self.down_proj_bias,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+            f"intermediate_size={self.intermediate_size}, activation={self.activation!r}, gated={self.gated}"
+        )
+
+
+class SharedExpert(nn.Module):
+    """A dense gated MLP every token goes through (Qwen2-MoE's ``shared_expert``, DeepSeek's ``shared_experts``)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu") -> None:
+        super().__init__()
+        self.activation = activation
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(reference.gated_activation(self.activation, self.gate_proj(x), self.up_proj(x)))
+
+
+class SparseMoE(nn.Module):
+    """Router (``nn.Linear``) + ``topk_gating`` + ``moe_experts``, with an optional shared expert.
+
+    Accepts ``[..., H]`` and returns the same shape. The state_dict keys are those of Hugging Face transformers 5's
+    MoE blocks, so their weights load as they are: ``gate.weight`` ``[E, H]``, ``experts.gate_up_proj``
+    ``[E, 2I, H]``, ``experts.down_proj`` ``[E, H, I]`` (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3's routed part);
+    with ``bias=True`` also ``experts.gate_up_proj_bias`` / ``experts.down_proj_bias``; with a shared expert
+    ``shared_expert.{gate,up,down}_proj.weight`` and, with ``shared_expert_gate=True``,
+    ``shared_expert_gate.weight`` ``[1, H]`` (Qwen2-MoE: the shared output is scaled by its sigmoid). With
+    ``selection_bias=True``, ``gate.e_score_correction_bias`` ``[E]`` (DeepSeek-V3) is added to the scores for
+    selection only.
+
+    Args:
+        hidden_size, intermediate_size, num_experts, top_k: H, I (per expert), E and k.
+        activation, gated, bias: the experts' MLP (see ``moe_experts``); ``bias`` gives the experts biases.
+        scoring, renormalize, num_groups, topk_groups, group_score, scale: the routing (see ``topk_gating``).
+        shared_expert_size: intermediate size of the shared expert (``None``: none).
+        shared_expert_gate: scale the shared expert's output by ``sigmoid(shared_expert_gate(x))``.
+        router_bias: give the router a bias. selection_bias: DeepSeek-V3's ``e_score_correction_bias``.
+        softmax_after_topk: GPT-OSS routing (top-k on logits, softmax over the k).
+        aux_loss_coef, z_loss_coef: coefficients of ``aux_loss()``.
+        backend: passed to both ops.
+
+    After each forward, ``router_logits`` holds the last ``[N, E]`` router logits and ``topk_ids`` the choices;
+    ``aux_loss()`` is ``aux_loss_coef * load_balancing_loss + z_loss_coef * router_z_loss`` on them.
+
+    Example (Qwen3-30B-A3B)::
+
+        moe = SparseMoE(2048, 768, num_experts=128, top_k=8)
+        moe.load_state_dict(hf_block.state_dict())
+        y = moe(x)                       # x: [batch, seq, 2048]
+        loss = task_loss + moe.aux_loss()
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        activation: str = "silu",
+        gated: bool = True,
+        bias: bool = False,
+        scoring: str = "softmax",
+        renormalize: bool = True,
+        num_groups: int = 1,
+        topk_groups: int | None = None,
+        group_score: str = "max",
+        scale: float = 1.0,
+        shared_expert_size: int | None = None,
+        shared_expert_gate: bool = False,
+        router_bias: bool = False,
+        selection_bias: bool = False,
+        softmax_after_topk: bool = False,
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+            _checks.integer(name, value, low=1)
+        _checks.integer("num_experts", num_experts, low=1)
+        _checks.integer("top_k", top_k, low=1, high=num_experts)
+        _checks.choice("activation", activation, ACTIVATIONS)
+        if shared_expert_size is not None:
+            _checks.integer("shared_expert_size", shared_expert_size, low=1)
+        elif shared_expert_gate:
+            raise ValueError("shared_expert_gate=True needs a shared expert (shared_expert_size)")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.routing = {
+            "scoring": scoring,
+            "renormalize": renormalize,
+            "num_groups": num_groups,
+            "topk_groups": topk_groups,
+            "group_score": group_score,
+            "softmax_after_topk": softmax_after_topk,
+            "scale": scale,
+        }
+        self.aux_loss_coef = _checks.finite_real("aux_loss_coef", aux_loss_coef)
+        self.z_loss_coef = _checks.finite_real("z_loss_coef", z_loss_coef)
+        self.backend = backend
+        self.gate = nn.Linear(hidden_size, num_experts, bias=router_bias)
+        if selection_bias:
+            self.gate.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        self.experts = MoEExperts(
+            hidden_size, intermediate_size, num_experts, activation=activation, gated=gated, bias=bias, backend=backend
+        )
+        self.shared_expert = (
+            SharedExpert(hidden_size, shared_expert_size, activation) if shared_expert_size is not None else None
+        )
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
+        self.router_logits: torch.Tensor | None = None
+        self.topk_ids: torch.Tensor | None = None
+        # Checks the routing arguments once, at construction.
+        topk_gating(torch.zeros(1, num_experts), top_k, **self._routing_args(), backend="torch")
+
+    def _routing_args(self) -> dict:
+        return dict(self.routing, bias=getattr(self.gate, "e_score_correction_bias", None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits = self.gate(flat)
+        weights, ids = topk_gating(logits, self.top_k, **self._routing_args(), backend=self.backend)
+        out = self.experts(flat, weights, ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
+        self.router_logits, self.topk_ids = logits, ids
+        return out.reshape(shape)
+
+    def aux_loss(self) -> torch.Tensor:
+        """``aux_loss_coef * load_balancing_loss + z_loss_coef * router_z_loss`` of the last forward."""
+        if self.router_logits is None:
+            raise RuntimeError("aux_loss() needs a forward pass first")
+        loss = self.aux_loss_coef * load_balancing_loss(self.router_logits, self.topk_ids, self.num_experts)
+        if self.z_loss_coef:
+            loss = loss + self.z_loss_coef * router_z_loss(self.router_logits)
+        return loss
