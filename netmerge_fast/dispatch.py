@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from netmerge_fast import _checks, reference
-from netmerge_fast._backends import backends, resolve
+from netmerge_fast._backends import native_status, resolve
 
 __all__ = ["ACTIVATIONS", "moe_align", "moe_experts"]
 
@@ -380,7 +380,7 @@ def _activation_backward(pre: torch.Tensor, d_act: torch.Tensor, activation: str
     return torch.cat([d_gate, d_up], dim=1)
 
 
-if backends()["cpu"].available:
+if native_status().available:
 
     @torch.library.register_fake("netmerge::moe_align")
     def _moe_align_fake(topk_ids, num_experts, block_size):
