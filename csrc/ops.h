@@ -5,6 +5,7 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace netmerge::cpu {
@@ -15,4 +16,16 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t
                                                c10::string_view group_score, bool softmax_after_topk,
                                                double scale);
 
+at::Tensor logit_statistics(at::TensorList logits, at::IntArrayRef class_counts, at::ArrayRef<std::string> stats);
+std::tuple<at::Tensor, at::Tensor> combine_logits(at::TensorList logits, at::IntArrayRef class_counts,
+                                                  c10::string_view method, const std::optional<at::Tensor>& gate);
+
 }  // namespace netmerge::cpu
+
+namespace netmerge::cuda {
+
+at::Tensor logit_statistics(at::TensorList logits, at::IntArrayRef class_counts, at::ArrayRef<std::string> stats);
+std::tuple<at::Tensor, at::Tensor> combine_logits(at::TensorList logits, at::IntArrayRef class_counts,
+                                                  c10::string_view method, const std::optional<at::Tensor>& gate);
+
+}  // namespace netmerge::cuda
