@@ -289,7 +289,7 @@ def _statistics_backward(x, class_counts, names, out, grad_out):
         elif name in ("min", "max", "range"):
             term = spread(g) * {"min": at_min, "max": at_max, "range": at_max - at_min}[name]
         elif name == "margin":
-            term = spread(torch.where(hi == second, zero, g)) * (at_max - runner_up)
+            term = spread(torch.where((hi == second) | (n == 1), zero, g)) * (at_max - runner_up)
         elif name == "logsumexp":
             term = spread(g) * p
         elif name == "max_prob":
@@ -316,7 +316,7 @@ def _quartile_backward(x, class_counts, quarters, order, g, grad):
 
 
 class _CombineLogits(torch.autograd.Function):
-    """Native forward; the backward differentiates the reference's assembly for the winners found."""
+    """Native forward; the backward is plain torch ops for the winners found (the reference's gradient)."""
 
     @staticmethod
     def forward(ctx, class_counts, method, gate, *tensors):
@@ -331,11 +331,33 @@ class _CombineLogits(torch.autograd.Function):
     def backward(ctx, grad_combined, _grad_winner):
         *tensors, winner = ctx.saved_tensors
         class_counts, method = ctx.config
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in tensors]
-            combined = reference.combine_with_winner(leaves, class_counts, method, winner)
-            grads = torch.autograd.grad(combined, leaves, grad_combined)
-        return (None, None, None, *grads)
+        grad = _combine_backward(reference.pack_logits(tensors), class_counts, method, winner, grad_combined)
+        parts = grad.split(class_counts, dim=1) if len(tensors) > 1 else (grad,)
+        return (None, None, None, *(p.to(t.dtype) for p, t in zip(parts, tensors, strict=True)))
+
+
+def _combine_backward(x, class_counts, method, winner, grad_combined):
+    """d loss / d packed logits [B, N], given d loss / d combined logits and each row's winner."""
+    g = grad_combined.to(reference.compute_dtype(x))
+    if method == "naive":
+        return g
+    x = x.to(g.dtype)
+    E = len(class_counts)
+    seg = reference.segment_ids(class_counts, x.device)
+    spread = lambda v: v.index_select(1, seg)
+    if method in ("ratio", "overall_ratio"):  # out = x / s: d out_j / d x_i = (delta_ij - out_j) / s
+        s = spread(reference.segment_sum(x, seg, E)) if method == "ratio" else x.sum(1, keepdim=True)
+        weighted = g * x / s
+        dot = spread(reference.segment_sum(weighted, seg, E)) if method == "ratio" else weighted.sum(1, keepdim=True)
+        return (g - dot) / s
+    # Winner takes all: the winner's slots pass their gradient through; the filled slots send theirs to the winner's
+    # minimum, shared equally among tied minima.
+    in_winner = seg.unsqueeze(0) == winner.unsqueeze(1)
+    keep = in_winner | (winner < 0).unsqueeze(1)
+    fill = reference.segment_reduce(x, seg, E, "amin").gather(1, winner.clamp_min(0).unsqueeze(1))
+    at_min = (in_winner & (x == fill)).to(g.dtype)
+    fill_grad = torch.where(keep, 0.0, g).sum(1, keepdim=True)
+    return torch.where(keep, g, 0.0) + fill_grad * at_min / at_min.sum(1, keepdim=True).clamp_min(1)
 
 
 if backends()["cpu"].available:

@@ -142,7 +142,10 @@ def pack_logits(logits: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, 
 def segment_ids(class_counts: list[int], device: torch.device) -> torch.Tensor:
     """int64 [sum C_i]: the expert that owns each column of the packed logits."""
     counts = torch.tensor(class_counts, dtype=torch.int64, device=device)
-    return torch.repeat_interleave(torch.arange(len(class_counts), device=device), counts)
+    # output_size keeps the size static under torch.compile
+    return torch.repeat_interleave(
+        torch.arange(len(class_counts), device=device), counts, output_size=sum(class_counts)
+    )
 
 
 def segment_sum(v: torch.Tensor, seg: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -225,11 +228,11 @@ def _statistics(x: torch.Tensor, class_counts: list[int], names: tuple[str, ...]
         values["entropy"] = -segment_sum(plogp, seg, E)
 
     if "margin" in names:
-        # The two largest values as a multiset: a repeated maximum gives margin 0; a single class, +inf.
+        # The two largest values as a multiset: a repeated maximum gives margin 0; a single class, always +inf.
         repeats = segment_sum((x == spread(hi)).to(x.dtype), seg, E)
         below_max = torch.where(x < spread(hi), x, float("-inf"))
         second = torch.where(repeats > 1, hi, segment_reduce(below_max, seg, E, "amax"))
-        values["margin"] = torch.where(hi == second, 0.0, hi - second)
+        values["margin"] = torch.where(n == 1, float("inf"), torch.where(hi == second, 0.0, hi - second))
 
     wanted_quarters = {_QUARTERS[s] for s in names if s in _QUARTERS} | ({3} if "max_minus_q3" in names else set())
     if wanted_quarters:

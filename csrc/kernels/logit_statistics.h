@@ -287,7 +287,9 @@ HOST_DEVICE typename M::Real finish_statistic(int32_t stat, const SegmentSummary
     case kMin: v = mo.lo; break;
     case kMax: v = mo.hi; break;
     case kRange: v = M::select(constant, zero, mo.hi - mo.lo); break;
-    case kMargin: v = M::select(M::eq(mo.hi, mo.second), zero, mo.hi - mo.second); break;
+    case kMargin:  // a single class has no runner-up: +inf, whatever its logit
+      v = s.n == 1 ? M::splat(pos_inf()) : M::select(M::eq(mo.hi, mo.second), zero, mo.hi - mo.second);
+      break;
     case kVar:
     case kStd: {
       // Unbiased (n - 1), as torch.var: NaN for a single class; exactly 0 for a constant segment.
