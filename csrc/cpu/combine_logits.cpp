@@ -17,33 +17,10 @@ namespace {
 
 using namespace segments;
 
-struct Plan {
-  K::CombineRule rule;
-  std::vector<int32_t> stats;  // per expert, in this order
-  int64_t min_slot = -1;       // where the expert's minimum logit is in `stats`, for the winner-takes-all fill
-};
-
-Plan make_plan(c10::string_view method, const std::optional<at::Tensor>& gate) {
-  bool known = false;
-  Plan plan;
-  plan.rule = K::combine_rule(std::string_view(method.data(), method.size()),
-                              gate.has_value() && gate->scalar_type() == at::kBool, &known);
-  TORCH_CHECK(known, "combine_logits: unknown method '", std::string(method), "'");
-  switch (plan.rule.kind) {
-    case K::kRatio:
-    case K::kOverallRatio: plan.stats = {K::kSum}; break;
-    case K::kSelect: plan.stats = {plan.rule.criterion, K::kMin}, plan.min_slot = 1; break;
-    case K::kGateScores:
-    case K::kGateClaims: plan.stats = {K::kMin}, plan.min_slot = 0; break;
-    case K::kConcat: break;
-  }
-  return plan;
-}
-
 template <typename scalar_t>
 class Assembler {
  public:
-  Assembler(const Layout& layout, const Plan& plan, const float* gate, scalar_t* out, int64_t* winner)
+  Assembler(const Layout& layout, const CombinePlan& plan, const float* gate, scalar_t* out, int64_t* winner)
       : layout_(layout), plan_(plan), gate_(gate), out_(out), winner_(winner) {}
 
   // Steps (2) and (3) for rows [b0, b0 + rows), given step (1)'s stats[(e * S + s) * R + r].
@@ -122,7 +99,7 @@ class Assembler {
   }
 
   const Layout& layout_;
-  const Plan& plan_;
+  const CombinePlan& plan_;
   const float* gate_;
   scalar_t* out_;
   int64_t* winner_;
@@ -133,18 +110,11 @@ class Assembler {
 
 std::tuple<at::Tensor, at::Tensor> combine_logits(at::TensorList logits, at::IntArrayRef class_counts,
                                                   c10::string_view method, const std::optional<at::Tensor>& gate) {
-  const Plan plan = make_plan(method, gate);
+  const CombinePlan plan = combine_plan(method, gate.has_value() && gate->scalar_type() == at::kBool);
   const bool quartiles = plan.rule.kind == K::kSelect && K::quarters_of(plan.rule.criterion) > 0;
   const Layout layout = make_layout(logits, class_counts, quartiles, "combine_logits");
   const int64_t B = layout.rows, E = static_cast<int64_t>(layout.segments.size());
-  const bool uses_gate = plan.rule.kind == K::kGateScores || plan.rule.kind == K::kGateClaims;
-  TORCH_CHECK(uses_gate == gate.has_value(), "combine_logits: a gate is needed by, and only by, method 'gate'");
-  at::Tensor gate_f;
-  if (uses_gate) {
-    TORCH_CHECK(gate->dim() == 2 && gate->size(0) == B && gate->size(1) == E && gate->device().is_cpu(),
-                "combine_logits: gate must be a CPU tensor [B, E] = [", B, ", ", E, "]");
-    gate_f = gate->to(at::kFloat).contiguous();
-  }
+  const at::Tensor gate_f = gate_as_float(plan, gate, layout, logits[0]);
   auto combined = at::empty({B, layout.columns}, logits[0].options());
   auto winner = at::empty({B}, logits[0].options().dtype(at::kLong));
   if (B == 0) return {combined, winner};
@@ -156,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> combine_logits(at::TensorList logits, at::Int
   dispatch_logits(layout.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     auto* out = reinterpret_cast<scalar_t*>(combined.data_ptr());
-    const float* gate_ptr = uses_gate ? gate_f.const_data_ptr<float>() : nullptr;
+    const float* gate_ptr = gate_f.defined() ? gate_f.const_data_ptr<float>() : nullptr;
     if (!fused && S > 0) {
       at::parallel_for(0, blocks * pieces, task_grain(layout.columns * R / pieces), [&](int64_t begin, int64_t end) {
         Engine<scalar_t> engine(layout, plan.stats);

@@ -1,5 +1,5 @@
-// The CPU engine shared by logit_statistics and combine_logits: where each expert's logits are, and the per-segment
-// statistics of a block of R rows (R = SIMD width), with the math of kernels/logit_statistics.h.
+// The CPU engine shared by logit_statistics and combine_logits: the per-segment statistics of a block of R rows
+// (R = SIMD width), with the math of kernels/logit_statistics.h.
 //
 // Two layouts, chosen per block and per run of experts ("piece"):
 //   lanes  short segments: the block is transposed to [column][R], so one vector holds one column for R rows and
@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "kernels/logit_statistics.h"
+#include "segment_layout.h"
 
 namespace netmerge::cpu::segments {
 
@@ -50,27 +51,15 @@ struct VecMath {
   static Real sqrt(Real a) { return a.sqrt(); }
 };
 
-// One expert's logits: row b starts at base + b * row_stride (elements); columns are contiguous.
-struct Segment {
-  const char* base;
-  int64_t row_stride;
-  int64_t count;
-  int64_t column;  // first column in the packed row
-};
-
 // Consecutive experts handled together: [first, last), in the lane layout or not.
 struct Piece {
   int64_t first, last;
   bool lanes;
 };
 
-struct Layout {
-  std::vector<Segment> segments;
+struct Layout : SegmentLayout {
   std::vector<Piece> pieces;     // lane-eligible neighbours in memory grouped, others one each
   std::vector<Piece> copy_runs;  // experts adjacent in memory, for copying whole runs at once
-  int64_t rows = 0, columns = 0, max_count = 0;
-  at::ScalarType dtype;
-  std::vector<at::Tensor> owned;  // contiguous copies of inputs with strided columns
 };
 
 // Lane layout limits: segments up to kLaneMaxCount columns (kLaneMaxSorted when quartiles are needed, as the
@@ -83,42 +72,12 @@ inline bool adjacent(const Segment& a, const Segment& b, int64_t element_size) {
   return a.row_stride == b.row_stride && a.base + a.count * element_size == b.base;
 }
 
-// The op's arguments, checked again here (the Python API validates them first, with friendlier messages).
+// The CPU layout: the segments, grouped into pieces for the lane layout and into runs for copying.
 inline Layout make_layout(at::TensorList logits, at::IntArrayRef class_counts, bool sorted_quartiles,
                           const char* op) {
-  TORCH_CHECK(!logits.empty() && !class_counts.empty(), op, ": needs at least one expert");
-  const bool packed = logits.size() == 1;
-  TORCH_CHECK(packed || logits.size() == class_counts.size(), op,
-              ": logits must be one packed tensor or one tensor per class count");
   Layout layout;
-  layout.dtype = logits[0].scalar_type();
-  TORCH_CHECK(layout.dtype == at::kFloat || layout.dtype == at::kHalf || layout.dtype == at::kBFloat16, op,
-              ": logits must be float32, float16 or bfloat16");
-  layout.rows = logits[0].size(0);
-  const int64_t element_size = logits[0].element_size();
-  std::vector<at::Tensor> tensors;
-  for (const auto& t : logits) {
-    TORCH_CHECK(t.dim() == 2 && t.scalar_type() == layout.dtype && t.size(0) == layout.rows && t.device().is_cpu(),
-                op, ": every logits tensor must be a 2-D CPU tensor of the same dtype and rows");
-    tensors.push_back(t.size(1) > 1 && t.stride(1) != 1 ? t.contiguous() : t);
-    if (!tensors.back().is_same(t)) layout.owned.push_back(tensors.back());
-  }
-  int64_t column = 0;
-  for (size_t e = 0; e < class_counts.size(); ++e) {
-    const int64_t count = class_counts[e];
-    TORCH_CHECK(count >= 1, op, ": every class count must be >= 1");
-    const at::Tensor& t = tensors[packed ? 0 : e];
-    TORCH_CHECK(packed || t.size(1) == count, op, ": tensor ", e, " has ", t.size(1), " columns, class count ", count);
-    const int64_t offset = packed ? column : 0;
-    layout.segments.push_back({static_cast<const char*>(t.const_data_ptr()) + offset * element_size, t.stride(0),
-                               count, column});
-    column += count;
-    layout.max_count = std::max(layout.max_count, count);
-  }
-  TORCH_CHECK(!packed || column == tensors[0].size(1), op, ": class counts sum to ", column,
-              " but the packed logits have ", tensors[0].size(1), " columns");
-  layout.columns = column;
-
+  static_cast<SegmentLayout&>(layout) = segment_layout(logits, class_counts, c10::DeviceType::CPU, op);
+  const int64_t element_size = layout.element_size;
   const int64_t lane_max = sorted_quartiles ? kLaneMaxSorted : kLaneMaxCount;
   const auto& seg = layout.segments;
   const int64_t E = static_cast<int64_t>(seg.size());
@@ -138,18 +97,6 @@ inline Layout make_layout(at::TensorList logits, at::IntArrayRef class_counts, b
     e = last;
   }
   return layout;
-}
-
-// Names -> codes; unknown names are an error.
-inline std::vector<int32_t> statistic_codes(at::ArrayRef<std::string> names, const char* op) {
-  std::vector<int32_t> codes;
-  for (const auto& name : names) {
-    const int32_t code = K::statistic_code(name);
-    TORCH_CHECK(code >= 0, op, ": unknown statistic '", name, "'");
-    codes.push_back(code);
-  }
-  TORCH_CHECK(!codes.empty(), op, ": needs at least one statistic");
-  return codes;
 }
 
 template <typename scalar_t>
