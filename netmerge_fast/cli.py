@@ -1,7 +1,7 @@
 """``netmerge-fast``: the command line (also ``python -m netmerge_fast.cli``).
 
 netmerge-fast bench                 the default suite (every suite below), CPU
-netmerge-fast bench topk            one suite
+netmerge-fast bench topk            one suite (topk, combine)
 netmerge-fast bench topk --json out.json --quick
 netmerge-fast backends              what this machine can run
 """
@@ -15,8 +15,8 @@ import sys
 import torch
 
 # Suite name -> module in netmerge_fast.bench exposing run(**kwargs) -> rows and COLUMNS.
-SUITES = {"topk": "netmerge_fast.bench.topk"}
-DEFAULT_SUITES = ("topk",)
+SUITES = {"topk": "netmerge_fast.bench.topk", "combine": "netmerge_fast.bench.combine"}
+DEFAULT_SUITES = ("topk", "combine")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

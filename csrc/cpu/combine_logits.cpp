@@ -122,13 +122,15 @@ std::tuple<at::Tensor, at::Tensor> combine_logits(at::TensorList logits, at::Int
   const int64_t S = static_cast<int64_t>(plan.stats.size());
   const int64_t blocks = at::divup(B, R), pieces = static_cast<int64_t>(layout.pieces.size());
   const bool fused = blocks >= 4 * at::get_num_threads();
+  const int64_t rows_per_block = std::min(R, B);
   std::vector<float> all_stats(fused || S == 0 ? 0 : blocks * E * S * R);
   dispatch_logits(layout.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     auto* out = reinterpret_cast<scalar_t*>(combined.data_ptr());
     const float* gate_ptr = gate_f.defined() ? gate_f.const_data_ptr<float>() : nullptr;
     if (!fused && S > 0) {
-      at::parallel_for(0, blocks * pieces, task_grain(layout.columns * R / pieces), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, blocks * pieces, task_grain(rows_per_block * layout.columns / pieces),
+                       [&](int64_t begin, int64_t end) {
         Engine<scalar_t> engine(layout, plan.stats);
         for (int64_t task = begin; task < end; ++task) {
           const Piece& piece = layout.pieces[task % pieces];
@@ -137,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> combine_logits(at::TensorList logits, at::Int
         }
       });
     }
-    at::parallel_for(0, blocks, task_grain(layout.columns * R), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, blocks, task_grain(rows_per_block * layout.columns), [&](int64_t begin, int64_t end) {
       Engine<scalar_t> engine(layout, plan.stats);
       Assembler<scalar_t> assembler(layout, plan, gate_ptr, out, winner.data_ptr<int64_t>());
       std::vector<float> block_stats(fused ? E * S * R : 0);

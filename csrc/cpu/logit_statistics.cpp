@@ -25,7 +25,7 @@ at::Tensor logit_statistics(at::TensorList logits, at::IntArrayRef class_counts,
   const int64_t tasks = at::divup(B, R) * pieces;
   dispatch_logits(layout.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    at::parallel_for(0, tasks, task_grain(layout.columns * R / pieces), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, task_grain(std::min(R, B) * layout.columns / pieces), [&](int64_t begin, int64_t end) {
       Engine<scalar_t> engine(layout, codes);
       std::vector<float> results;
       for (int64_t task = begin; task < end; ++task) {

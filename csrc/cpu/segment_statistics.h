@@ -158,15 +158,32 @@ class Engine {
     const Segment& s = layout_.segments[piece.first];
     lanes_.resize(width * R);
     if (rows < R) std::fill(lanes_.begin(), lanes_.end(), 0.f);  // unused lanes: any finite value
+    const float* src = nullptr;
+    int64_t stride = width;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      at::vec::transpose_mxn<float>(row_of(s, b0), s.row_stride, lanes_.data(), R, static_cast<int>(rows),
-                                    static_cast<int>(width));
+      src = row_of(s, b0), stride = s.row_stride;
     } else {
       row_major_.resize(rows * width);
       for (int64_t r = 0; r < rows; ++r) to_float(row_of(s, b0 + r), row_major_.data() + r * width, width);
-      at::vec::transpose_mxn<float>(row_major_.data(), width, lanes_.data(), R, static_cast<int>(rows),
-                                    static_cast<int>(width));
+      src = row_major_.data();
     }
+    at::vec::transpose_mxn<float>(src, stride, lanes_.data(), R, static_cast<int>(rows), static_cast<int>(width));
+  }
+
+  // Runs add(acc, column j) over the n columns of a lane block with four independent accumulators (short
+  // segments are latency-bound on one chain), merged in a fixed order.
+  template <template <class> class Acc, typename Add>
+  static Acc<VecMath> lane_reduce(const float* x, int64_t n, Add add) {
+    Acc<VecMath> acc[4] = {Acc<VecMath>::empty(), Acc<VecMath>::empty(), Acc<VecMath>::empty(),
+                           Acc<VecMath>::empty()};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+      for (int u = 0; u < 4; ++u) add(acc[u], Vec::loadu(x + (j + u) * R));
+    for (; j < n; ++j) add(acc[0], Vec::loadu(x + j * R));
+    acc[0].merge(acc[1]);
+    acc[2].merge(acc[3]);
+    acc[0].merge(acc[2]);
+    return acc[0];
   }
 
   void run_lanes(const Piece& piece, int64_t b0, int64_t rows, float* results) {
@@ -179,21 +196,18 @@ class Engine {
       const float* x = lanes_.data() + (seg[e].column - seg[piece.first].column) * R;
       Summary sum;
       sum.n = n;
-      std::fill(sum.quartile, sum.quartile + 4, Vec(K::quiet_nan()));
-      sum.moments = K::Moments<VecMath>::empty();
       if (needs_.second) {
-        for (int64_t j = 0; j < n; ++j) sum.moments.add_with_second(Vec::loadu(x + j * R));
+        sum.moments = lane_reduce<K::Moments>(x, n, [](auto& a, Vec v) { a.add_with_second(v); });
       } else {
-        for (int64_t j = 0; j < n; ++j) sum.moments.add(Vec::loadu(x + j * R));
+        sum.moments = lane_reduce<K::Moments>(x, n, [](auto& a, Vec v) { a.add(v); });
       }
       if (needs_.deviations) {
         const Vec mean = sum.moments.mean(n);
-        sum.deviations = K::Deviations<VecMath>::empty();
-        for (int64_t j = 0; j < n; ++j) sum.deviations.add(Vec::loadu(x + j * R), mean);
+        sum.deviations = lane_reduce<K::Deviations>(x, n, [&](auto& a, Vec v) { a.add(v, mean); });
       }
       if (needs_.softmax) {
-        sum.softmax = K::SoftmaxSums<VecMath>::empty();
-        for (int64_t j = 0; j < n; ++j) sum.softmax.add(Vec::loadu(x + j * R), sum.moments.hi);
+        const Vec hi = sum.moments.hi;
+        sum.softmax = lane_reduce<K::SoftmaxSums>(x, n, [&](auto& a, Vec v) { a.add(v, hi); });
       }
       if (needs_.any_quartile()) {
         sorted_.assign(x, x + n * R);

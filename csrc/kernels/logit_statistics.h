@@ -20,6 +20,13 @@
 
 #include "kernels/common.h"
 
+// Accumulators and the finishing switch run per logit / per segment: inlined, they fold into the callers' loops.
+#if defined(__CUDACC__)
+#define NETMERGE_ALWAYS_INLINE __forceinline__
+#else
+#define NETMERGE_ALWAYS_INLINE inline __attribute__((always_inline))
+#endif
+
 namespace netmerge::kernels {
 
 // Statistic codes; kNumStatistics must stay last. kMaxMinusQ3 is third_quartile's criterion, not a public name.
@@ -152,26 +159,26 @@ struct Moments {
   using Real = typename M::Real;
   Real sum, lo, hi, second;
 
-  HOST_DEVICE static Moments empty() {
+  HOST_DEVICE NETMERGE_ALWAYS_INLINE static Moments empty() {
     return {M::splat(0.f), M::splat(pos_inf()), M::splat(neg_inf()), M::splat(neg_inf())};
   }
-  HOST_DEVICE void add(Real x) {
+  HOST_DEVICE NETMERGE_ALWAYS_INLINE void add(Real x) {
     sum = sum + x;
     lo = M::min(lo, x);
     hi = M::max(hi, x);
   }
-  HOST_DEVICE void add_with_second(Real x) {
+  HOST_DEVICE NETMERGE_ALWAYS_INLINE void add_with_second(Real x) {
     second = M::max(second, M::min(hi, x));
     add(x);
   }
-  HOST_DEVICE void merge(const Moments& o) {
+  HOST_DEVICE NETMERGE_ALWAYS_INLINE void merge(const Moments& o) {
     sum = sum + o.sum;
     lo = M::min(lo, o.lo);
     second = M::max(M::max(second, o.second), M::min(hi, o.hi));
     hi = M::max(hi, o.hi);
   }
   // Constant segments (min == max, infinities included) have exactly their value as mean.
-  HOST_DEVICE Real mean(int64_t n) const {
+  HOST_DEVICE NETMERGE_ALWAYS_INLINE Real mean(int64_t n) const {
     return M::select(M::eq(lo, hi), lo, sum / M::splat(static_cast<float>(n)));
   }
 };
@@ -181,12 +188,12 @@ template <class M>
 struct Deviations {
   using Real = typename M::Real;
   Real m2;
-  HOST_DEVICE static Deviations empty() { return {M::splat(0.f)}; }
-  HOST_DEVICE void add(Real x, Real mean) {
+  HOST_DEVICE NETMERGE_ALWAYS_INLINE static Deviations empty() { return {M::splat(0.f)}; }
+  HOST_DEVICE NETMERGE_ALWAYS_INLINE void add(Real x, Real mean) {
     const Real d = x - mean;
     m2 = M::fma(d, d, m2);
   }
-  HOST_DEVICE void merge(const Deviations& o) { m2 = m2 + o.m2; }
+  HOST_DEVICE NETMERGE_ALWAYS_INLINE void merge(const Deviations& o) { m2 = m2 + o.m2; }
 };
 
 // Pass 2, softmax statistics relative to the segment max m: z = sum_i e_i with e_i = exp(x_i - m) (1 where
@@ -196,8 +203,8 @@ template <class M>
 struct SoftmaxSums {
   using Real = typename M::Real;
   Real z, s;
-  HOST_DEVICE static SoftmaxSums empty() { return {M::splat(0.f), M::splat(0.f)}; }
-  HOST_DEVICE void add(Real x, Real m) {
+  HOST_DEVICE NETMERGE_ALWAYS_INLINE static SoftmaxSums empty() { return {M::splat(0.f), M::splat(0.f)}; }
+  HOST_DEVICE NETMERGE_ALWAYS_INLINE void add(Real x, Real m) {
     const typename M::Mask at_max = M::eq(x, m);
     const Real shifted = x - m;
     const Real e = M::select(at_max, M::splat(1.f), M::exp(shifted));
@@ -205,7 +212,7 @@ struct SoftmaxSums {
     const typename M::Mask no_term = M::either(at_max, M::eq(e, M::splat(0.f)));
     s = s + M::select(no_term, M::splat(0.f), e * shifted);
   }
-  HOST_DEVICE void merge(const SoftmaxSums& o) {
+  HOST_DEVICE NETMERGE_ALWAYS_INLINE void merge(const SoftmaxSums& o) {
     z = z + o.z;
     s = s + o.s;
   }
@@ -275,7 +282,7 @@ struct SegmentSummary {
 
 // The documented value of one statistic. A NaN anywhere in the segment makes every statistic NaN.
 template <class M>
-HOST_DEVICE typename M::Real finish_statistic(int32_t stat, const SegmentSummary<M>& s) {
+HOST_DEVICE NETMERGE_ALWAYS_INLINE typename M::Real finish_statistic(int32_t stat, const SegmentSummary<M>& s) {
   using Real = typename M::Real;
   const Real zero = M::splat(0.f), nan = M::splat(quiet_nan());
   const Moments<M>& mo = s.moments;
