@@ -235,8 +235,13 @@ class _LogitStatistics(torch.autograd.Function):
         *tensors, out = ctx.saved_tensors
         class_counts, names = ctx.config
         grad = _statistics_backward(reference.pack_logits(tensors), class_counts, names, out, grad_out)
-        parts = grad.split(class_counts, dim=1) if len(tensors) > 1 else (grad,)
-        return (None, None, None, *(p.to(t.dtype) for p, t in zip(parts, tensors, strict=True)))
+        return (None, None, None, *_per_input(grad, class_counts, tensors))
+
+
+def _per_input(grad, class_counts, tensors):
+    """The packed gradient [B, N] split back into one gradient per input tensor, in the inputs' dtypes."""
+    parts = grad.split(class_counts, dim=1) if len(tensors) > 1 else (grad,)
+    return tuple(p.to(t.dtype) for p, t in zip(parts, tensors, strict=True))
 
 
 def _statistics_backward(x, class_counts, names, out, grad_out):
@@ -332,8 +337,7 @@ class _CombineLogits(torch.autograd.Function):
         *tensors, winner = ctx.saved_tensors
         class_counts, method = ctx.config
         grad = _combine_backward(reference.pack_logits(tensors), class_counts, method, winner, grad_combined)
-        parts = grad.split(class_counts, dim=1) if len(tensors) > 1 else (grad,)
-        return (None, None, None, *(p.to(t.dtype) for p, t in zip(parts, tensors, strict=True)))
+        return (None, None, None, *_per_input(grad, class_counts, tensors))
 
 
 def _combine_backward(x, class_counts, method, winner, grad_combined):

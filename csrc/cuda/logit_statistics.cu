@@ -41,7 +41,8 @@ __device__ float quartile(const T* x, int64_t n, int32_t quarters, int lane, int
   const int32_t lower = K::select_key(rank.lower, [&](int32_t key) {
     return count_below(x, n, lane, lanes, active, key);
   });
-  if (rank.weight == 0.f) return K::key_value(lower);
+  // The next order statistic, even where the weight is 0: the groups of a warp differ in length (so in weight),
+  // and every lane must take part in every shuffle.
   long long not_above = 0;
   int32_t smallest_above = INT32_MAX;
   if (active) {
