@@ -49,8 +49,8 @@ def logit_statistics(
         logits: a list of E tensors ``[B, C_i]``, or one packed tensor ``[B, sum C_i]`` with ``class_counts``.
             float32, float16 or bfloat16, any strides; C_i >= 1, ragged. float64 is accepted by the ``torch``
             backend and computed (and returned) in float64, for gradcheck.
-        class_counts: C_i per expert (ints, or a 1-D integer tensor); required with a packed tensor, optional
-            with a list (then it must match the widths).
+        class_counts: C_i per expert (ints, or a 1-D integer tensor: a CUDA one costs a device sync); required
+            with a packed tensor, optional with a list (then it must match the widths).
         stats: names from ``STATISTICS``, in the output's order (a single name is one statistic):
             ``mean``, ``sum``, ``min``, ``max``; ``var`` and ``std`` (unbiased, as ``torch.var``/``torch.std``);
             ``median``, ``q1``, ``q3`` (linear interpolation, as ``torch.quantile``); ``range`` (max - min);
@@ -61,7 +61,8 @@ def logit_statistics(
     Edge cases, identical on every backend:
 
     - A NaN logit makes every statistic of its expert (in that row) NaN.
-    - One class (C_i = 1): var and std are NaN (as torch), margin is +inf (no runner-up), entropy 0.
+    - One class (C_i = 1): var and std are NaN (as torch), margin is +inf (no runner-up), max_prob 1,
+      entropy 0.
     - A constant segment (all logits equal, infinities included) has mean = that value, var = std = range = 0.
     - Infinities follow IEEE arithmetic (mean/sum become ±inf, or NaN for +inf with -inf; var/std NaN)
       except where a limit is natural: the softmax statistics put all mass on the +inf logits, shared equally,
@@ -132,7 +133,8 @@ def combine_logits(
     percentile helper with q=0.75 where it expected 75, so for fewer than 68 classes it ranked experts by
     max - min: that is ``method="range"`` here; ``"third_quartile"`` is the intended max - q3.
 
-    Gradients flow to the logits through the combined output (the winner is a constant), on every backend.
+    Gradients flow to the logits through the combined output, on every backend; the winner is a constant (the
+    gate and the criteria receive no gradient).
 
     Example::
 
