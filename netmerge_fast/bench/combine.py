@@ -8,7 +8,9 @@ Baselines:
   reference       netmerge_fast.reference (vectorised torch, no Python loop over rows)
   loop            the seed repository's style: a Python loop over rows, torch ops on each row (std and
                   third_quartile; only for B <= LOOP_MAX_ROWS, it takes minutes beyond)
-  compiled        torch.compile of the reference (with compile=True; it recompiles for every expert layout)
+  compiled        torch.compile of the reference (with compile=True), for B >= COMPILED_MIN_ROWS only: it
+                  recompiles for every expert layout and batch size, 5-10 s each, which would dominate the
+                  smaller cases
 The limit is memory: bytes read (logits) + written (outputs) at the rate of a copy_ measured here.
 Cases with more than MAX_LOGITS logits are skipped (the reference would take minutes, and gigabytes).
 """
@@ -30,6 +32,7 @@ CLASSES = (5, 10, 1000)
 OPS = ("statistics", "std", "third_quartile")
 MAX_LOGITS = 1 << 26
 LOOP_MAX_ROWS = 256
+COMPILED_MIN_ROWS = 65536
 QUICK = {"batches": (1, 64), "experts": (2, 8), "classes": (5,), "compile": False}
 
 _STATS = ("mean", "std", "max")
@@ -94,7 +97,7 @@ def run(
                 for B in batches:
                     row: dict[str, Any] = {"op": op, "B": B, "E": E, "C": C}
                     if B * E * C > MAX_LOGITS:
-                        row["note"] = f"skipped: {B * E * C / 1e6:.0f}M logits"
+                        row["note"] = f"skipped: {B * E * C / 1e6:.0f}M logits, minutes for the reference"
                         rows.append(row)
                         continue
                     if progress:
@@ -103,7 +106,11 @@ def run(
                     ours = time_call(lambda fn=calls["ours"], x=x: fn(x), device)
                     row["ours_us"] = ours * 1e6
                     for name, fn in calls.items():
-                        if name == "ours" or (name == "loop" and B > LOOP_MAX_ROWS):
+                        if (
+                            name == "ours"
+                            or (name == "loop" and B > LOOP_MAX_ROWS)
+                            or (name == "compiled" and B < COMPILED_MIN_ROWS)
+                        ):
                             continue
                         seconds = time_call(lambda fn=fn, x=x: fn(x), device)
                         row[f"{name}_us"] = seconds * 1e6
