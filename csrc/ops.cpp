@@ -19,6 +19,11 @@ TORCH_LIBRARY(netmerge, m) {
       "(Tensor out, Tensor sorted_token_ids, Tensor expert_offsets, Tensor gate_up)");
   m.def("grouped_mm(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor");
   m.def("grouped_mm_weight_grad(Tensor a, Tensor b, Tensor expert_offsets) -> Tensor");
+  // logits: one packed [B, sum C] tensor, or one [B, C_i] tensor per expert.
+  m.def("logit_statistics(Tensor[] logits, int[] class_counts, str[] stats) -> Tensor");
+  m.def(
+      "combine_logits(Tensor[] logits, int[] class_counts, str method, Tensor? gate) "
+      "-> (Tensor combined, Tensor winner)");
 }
 
 TORCH_LIBRARY_IMPL(netmerge, CPU, m) {
@@ -27,7 +32,23 @@ TORCH_LIBRARY_IMPL(netmerge, CPU, m) {
   m.impl("moe_experts", &netmerge::cpu::moe_experts);
   m.impl("grouped_mm", &netmerge::cpu::grouped_mm);
   m.impl("grouped_mm_weight_grad", &netmerge::cpu::grouped_mm_weight_grad);
+  m.impl("logit_statistics", &netmerge::cpu::logit_statistics);
+  m.impl("combine_logits", &netmerge::cpu::combine_logits);
 }
 
+#ifdef NETMERGE_WITH_CUDA
+TORCH_LIBRARY_IMPL(netmerge, CUDA, m) {
+  m.impl("logit_statistics", &netmerge::cuda::logit_statistics);
+  m.impl("combine_logits", &netmerge::cuda::combine_logits);
+}
+#endif
+
 // Importing the module runs the registrations above; it exposes nothing itself.
-PYBIND11_MODULE(_C, m) { m.doc() = "netmerge_fast native ops, reached through torch.ops.netmerge"; }
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "netmerge_fast native ops, reached through torch.ops.netmerge";
+#ifdef NETMERGE_WITH_CUDA
+  m.attr("cuda_built") = true;  // the CUDA dispatch key has kernels (netmerge_fast._backends reads this)
+#else
+  m.attr("cuda_built") = false;
+#endif
+}

@@ -39,6 +39,8 @@ _OPS: dict[str, tuple[_Impl, ...]] = {
     "moe_align": (_Impl("triton"), _Impl("cpu"), _Impl("torch", None)),
     # float64 on cpu: gradcheck of the fused path.
     "moe_experts": (_Impl("triton"), _Impl("cpu", (*FUSED_DTYPES, torch.float64)), _Impl("torch", None)),
+    "logit_statistics": (_Impl("cuda"), _Impl("cpu"), _Impl("torch", None)),
+    "combine_logits": (_Impl("cuda"), _Impl("cpu"), _Impl("torch", None)),
 }
 
 
@@ -83,7 +85,7 @@ def _cuda() -> BackendStatus:
         return native
     if not torch.cuda.is_available():
         return BackendStatus(False, "no CUDA device")
-    if not hasattr(torch.ops.netmerge, "cuda_built"):
+    if not getattr(importlib.import_module("netmerge_fast._C"), "cuda_built", False):
         return BackendStatus(False, "netmerge_fast._C was built without CUDA (torch without CUDA, or no nvcc)")
     return BackendStatus(True, f"CUDA kernels in netmerge_fast._C on {torch.cuda.get_device_name()}")
 

@@ -1,7 +1,7 @@
 """``netmerge-fast``: the command line (also ``python -m netmerge_fast.cli``).
 
 netmerge-fast bench                 the default suite (every suite below), CPU
-netmerge-fast bench topk            one suite
+netmerge-fast bench topk            one suite (topk, combine)
 netmerge-fast bench topk --json out.json --quick
 netmerge-fast bench dispatch layer --dtype bfloat16 --plot out.png
 netmerge-fast backends              what this machine can run
@@ -20,7 +20,9 @@ SUITES = {
     "topk": "netmerge_fast.bench.topk",
     "dispatch": "netmerge_fast.bench.dispatch",
     "layer": "netmerge_fast.bench.layer",
+    "combine": "netmerge_fast.bench.combine",
 }
+# combine is left out of the default: its reference and per-row baselines take minutes.
 DEFAULT_SUITES = ("topk", "dispatch", "layer")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compute_dtype", "moe_align", "moe_experts", "softmax_with_limits", "topk_gating"]
+__all__ = [
+    "combine_logits",
+    "combine_with_winner",
+    "compute_dtype",
+    "logit_statistics",
+    "moe_align",
+    "moe_experts",
+    "softmax_with_limits",
+    "topk_gating",
+]
 
 RENORM_EPS = 1e-20
 
@@ -189,3 +198,221 @@ def moe_experts(
         inputs = (hidden, w_gate_up, w_down, topk_weights, b_gate_up, b_down)
         per_slot = per_slot + sum(0.0 * t.sum() for t in inputs if t is not None and t.requires_grad)
     return per_slot.sum(1).to(hidden.dtype)
+
+
+# ---- logit statistics and combining (netmerge_fast.combine) ----------------------------------------------------------
+
+STATISTICS = (
+    "mean",
+    "std",
+    "var",
+    "min",
+    "max",
+    "sum",
+    "median",
+    "q1",
+    "q3",
+    "range",
+    "entropy",
+    "max_prob",
+    "margin",
+    "logsumexp",
+)
+# Which statistic each selecting method ranks experts by, and whether the lowest value wins.
+SELECTION_CRITERIA = {
+    "std": ("std", True),
+    "range": ("range", False),
+    "third_quartile": ("max_minus_q3", False),
+    "max_prob": ("max_prob", False),
+    "entropy": ("entropy", True),
+    "margin": ("margin", False),
+    "energy": ("logsumexp", False),
+}
+_QUARTERS = {"q1": 1, "median": 2, "q3": 3}
+
+
+def pack_logits(logits: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One [B, sum C_i] tensor from the packed tensor or the list of per-expert tensors."""
+    return torch.cat(list(logits), dim=1) if isinstance(logits, list | tuple) else logits
+
+
+def segment_ids(class_counts: list[int], device: torch.device) -> torch.Tensor:
+    """int64 [sum C_i]: the expert that owns each column of the packed logits."""
+    counts = torch.tensor(class_counts, dtype=torch.int64, device=device)
+    # output_size keeps the size static under torch.compile
+    return torch.repeat_interleave(
+        torch.arange(len(class_counts), device=device), counts, output_size=sum(class_counts)
+    )
+
+
+def segment_sum(v: torch.Tensor, seg: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[B, E] sums of the columns of ``v`` [B, N] owned by each expert."""
+    return v.new_zeros(v.shape[0], num_experts).index_add(1, seg, v)
+
+
+def segment_reduce(v: torch.Tensor, seg: torch.Tensor, num_experts: int, reduce: str) -> torch.Tensor:
+    """[B, E] ``reduce`` ("amax", "amin") of the columns of ``v`` [B, N] owned by each expert; the gradient is
+    shared equally among tied extremes."""
+    # NaN where the values land: with include_self=False autograd still counts `self` entries equal to the result
+    # among the ties it shares the gradient with, and NaN equals nothing.
+    out = v.new_full((v.shape[0], num_experts), float("nan"))
+    return out.scatter_reduce(1, seg.expand_as(v), v, reduce, include_self=False)
+
+
+def segment_order(x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """Column indices [B, N] that sort each row by (expert, value); equal values keep their column order."""
+    by_value = torch.sort(x.detach(), dim=1, stable=True).indices
+    by_expert = torch.sort(seg[by_value], dim=1, stable=True).indices
+    return by_value.gather(1, by_expert)
+
+
+def quantile_positions(class_counts: list[int], quarters: int, device: torch.device):
+    """Sorted positions (in the packed row) of the order statistics around q = quarters / 4 of every expert,
+    and the interpolation weight: (lower [E] int64, upper [E] int64, weight [E] float32). As torch.quantile:
+    position q * (C - 1), linear interpolation between its floor and ceil (computed in integers, exactly)."""
+    counts = torch.tensor(class_counts, dtype=torch.int64, device=device)
+    offsets = torch.cumsum(counts, 0) - counts
+    scaled = quarters * (counts - 1)
+    lower = offsets + scaled // 4
+    weight = (scaled % 4).float() / 4
+    return lower, lower + (weight > 0).long(), weight
+
+
+def lerp_with_limits(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """torch.lerp(a, b, w) for a <= b, except: a when w == 0 or a == b; the infinite end when exactly one end is
+    infinite (the limit); NaN between -inf and +inf."""
+    interp = torch.where(w < 0.5, a + w * (b - a), b - (b - a) * (1 - w))
+    a_inf, b_inf = torch.isinf(a), torch.isinf(b)
+    ends = torch.where(a_inf & b_inf, torch.full_like(a, float("nan")), torch.where(a_inf, a, b))
+    return torch.where((w == 0) | (a == b), a, torch.where(a_inf | b_inf, ends, interp))
+
+
+def _statistics(x: torch.Tensor, class_counts: list[int], names: tuple[str, ...]) -> torch.Tensor:
+    """[B, E, len(names)] statistics of the packed logits ``x`` (already in the compute dtype)."""
+    E = len(class_counts)
+    seg = segment_ids(class_counts, x.device)
+    n = torch.tensor(class_counts, dtype=x.dtype, device=x.device)
+    spread = lambda v: v.index_select(1, seg)  # [B, E] -> [B, N]
+
+    hi = segment_reduce(x, seg, E, "amax")
+    lo = segment_reduce(x, seg, E, "amin")
+    constant = lo == hi
+    total = segment_sum(x, seg, E)
+    mean = torch.where(constant, lo, total / n)
+    nan = float("nan")
+    values = {"sum": total, "mean": mean, "min": lo, "max": hi}
+    values["range"] = torch.where(constant, 0.0, hi - lo)
+
+    if {"var", "std"} & set(names):
+        m2 = segment_sum((x - spread(mean)).square(), seg, E)
+        var = torch.where(n == 1, nan, torch.where(constant, 0.0, m2 / (n - 1).clamp_min(1)))
+        values["var"] = var
+        values["std"] = torch.where(var > 0, torch.where(var > 0, var, 1.0).sqrt(), var)
+
+    if {"entropy", "max_prob", "logsumexp"} & set(names):
+        # Softmax in its limits: shift by the (detached) max; an infinite max keeps only the entries equal to it
+        # (+inf: they share the mass; all -inf: uniform, the limit of equal logits).
+        m = hi.detach()
+        finite = torch.isfinite(m)
+        e = torch.where(
+            spread(finite), torch.exp(x - spread(torch.where(finite, m, 0.0))), (x == spread(m)).to(x.dtype)
+        )
+        z = segment_sum(e, seg, E)
+        p = e / spread(z)
+        values["logsumexp"] = m + torch.log(z)
+        values["max_prob"] = segment_reduce(p, seg, E, "amax")
+        plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0)
+        values["entropy"] = -segment_sum(plogp, seg, E)
+
+    if "margin" in names:
+        # The two largest values as a multiset: a repeated maximum gives margin 0; a single class, always +inf.
+        repeats = segment_sum((x == spread(hi)).to(x.dtype), seg, E)
+        below_max = torch.where(x < spread(hi), x, float("-inf"))
+        second = torch.where(repeats > 1, hi, segment_reduce(below_max, seg, E, "amax"))
+        values["margin"] = torch.where(n == 1, float("inf"), torch.where(hi == second, 0.0, hi - second))
+
+    wanted_quarters = {_QUARTERS[s] for s in names if s in _QUARTERS} | ({3} if "max_minus_q3" in names else set())
+    if wanted_quarters:
+        ordered = x.gather(1, segment_order(x, seg))
+        for quarters in wanted_quarters:
+            lower, upper, w = quantile_positions(class_counts, quarters, x.device)
+            q = lerp_with_limits(ordered[:, lower], ordered[:, upper], w.to(x.dtype))
+            values[{1: "q1", 2: "median", 3: "q3"}[quarters]] = q
+        if "max_minus_q3" in names:
+            values["max_minus_q3"] = torch.where(hi == values["q3"], 0.0, hi - values["q3"])
+
+    has_nan = segment_sum(torch.isnan(x).to(x.dtype), seg, E) > 0
+    out = torch.stack([values[s] for s in names], dim=-1)
+    return torch.where(has_nan.unsqueeze(-1), nan, out)
+
+
+def logit_statistics(
+    logits: torch.Tensor | list[torch.Tensor],
+    class_counts: list[int],
+    *,
+    stats: tuple[str, ...] = ("mean", "std", "max"),
+) -> torch.Tensor:
+    x = pack_logits(logits)
+    return _statistics(x.to(compute_dtype(x)), class_counts, tuple(stats))
+
+
+def select_expert(criterion: torch.Tensor, lower_wins: bool) -> torch.Tensor:
+    """int64 [B]: per row, the expert with the best criterion (ties: lower index; NaN never wins; -1 if all NaN)."""
+    key = -criterion if lower_wins else criterion
+    valid = ~torch.isnan(key)
+    best = torch.where(valid, key, float("-inf")).amax(1, keepdim=True)
+    candidate = valid & (key == best)
+    return torch.where(candidate.any(1), candidate.int().argmax(1), -1)
+
+
+def select_by_gate(gate: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: argmax of float scores (as select_expert, in float32), or for a boolean claims mask the only
+    claiming expert (-1 where none or several claim)."""
+    if gate.dtype == torch.bool:
+        return torch.where(gate.sum(1) == 1, gate.int().argmax(1), -1)
+    return select_expert(gate.float(), lower_wins=False)
+
+
+def combine_with_winner(
+    logits: torch.Tensor | list[torch.Tensor], class_counts: list[int], method: str, winner: torch.Tensor | None
+) -> torch.Tensor:
+    """The combined logits [B, sum C_i] (input dtype) given each row's winner (for the selecting methods).
+
+    Winner takes all: the winner's logits in its own slots, its minimum logit everywhere else; rows with winner -1
+    are the plain concatenation. Differentiable in the logits (the winner carries no gradient).
+    """
+    x = pack_logits(logits)
+    if method == "naive":
+        return x.clone()
+    seg = segment_ids(class_counts, x.device)
+    E = len(class_counts)
+    if method in ("ratio", "overall_ratio"):
+        xc = x.to(compute_dtype(x))
+        total = segment_sum(xc, seg, E).index_select(1, seg) if method == "ratio" else xc.sum(1, keepdim=True)
+        return (xc / total).to(x.dtype)
+    assert winner is not None
+    chosen = winner.clamp_min(0).unsqueeze(1)
+    fill = segment_reduce(x, seg, E, "amin").gather(1, chosen)
+    keep = (seg.unsqueeze(0) == chosen) | (winner < 0).unsqueeze(1)
+    return torch.where(keep, x, fill)
+
+
+def combine_logits(
+    logits: torch.Tensor | list[torch.Tensor],
+    class_counts: list[int],
+    *,
+    method: str = "naive",
+    gate: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(combined [B, sum C_i] in the input dtype, winner [B] int64, -1 where no single expert was selected)."""
+    x = pack_logits(logits)
+    B = x.shape[0]
+    if method == "gate":
+        winner = select_by_gate(gate)
+    elif method in SELECTION_CRITERIA:
+        name, lower_wins = SELECTION_CRITERIA[method]
+        criterion = _statistics(x.detach().to(compute_dtype(x)), class_counts, (name,))[..., 0]
+        winner = select_expert(criterion, lower_wins)
+    else:
+        winner = torch.full((B,), -1, dtype=torch.int64, device=x.device)
+    return combine_with_winner(x, class_counts, method, winner), winner

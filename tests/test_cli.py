@@ -44,6 +44,19 @@ def test_bench_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_combine_quick_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "combine", "--quick", "--json", str(out)]) == 0
+    assert "| op" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["suites"]["combine"]
+    assert {(row["op"], row["B"], row["E"]) for row in rows} == {
+        (op, B, E) for op in ("statistics", "std", "third_quartile") for B in (1, 64) for E in (2, 8)
+    }
+    for row in rows:
+        assert row["ours_us"] > 0 and row["x_reference"] > 0 and row["GB/s"] > 0
+        assert ("x_loop" in row) == (row["op"] != "statistics")
+
+
 def test_unknown_suite_is_an_error(capsys):
     assert cli.main(["bench", "nope"]) == 2
     assert "unknown suite" in capsys.readouterr().err
