@@ -140,8 +140,10 @@ class Engine {
     }
     const int64_t S = static_cast<int64_t>(stats_.size());
     for (int64_t e = piece.first; e < piece.last; ++e)
-      for (int64_t r = 0; r < rows; ++r)
+      for (int64_t r = 0; r < rows; ++r) {
+        if (r + 1 < rows) prefetch_start(layout_.segments[e], b0 + r + 1);
         run_row(layout_.segments[e], b0 + r, results + (e - piece.first) * S * R + r);
+      }
   }
 
  private:
@@ -150,6 +152,14 @@ class Engine {
 
   const scalar_t* row_of(const Segment& s, int64_t b) const {
     return reinterpret_cast<const scalar_t*>(s.base) + b * s.row_stride;
+  }
+
+  // The next row's segment starts a new memory stream, which the hardware prefetcher would only pick up after
+  // several misses: touch its first lines while the current row is being reduced.
+  void prefetch_start(const Segment& s, int64_t b) const {
+    const char* p = reinterpret_cast<const char*>(row_of(s, b));
+    const int64_t bytes = std::min<int64_t>(s.count * static_cast<int64_t>(sizeof(scalar_t)), 1024);
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
   }
 
   // ---- lanes: rows across the vector ----
@@ -257,8 +267,10 @@ class Engine {
     if (n >= R) {
       Acc<VecMath> acc[4] = {Acc<VecMath>::empty(), Acc<VecMath>::empty(), Acc<VecMath>::empty(),
                              Acc<VecMath>::empty()};
-      for (; j + 4 * R <= n; j += 4 * R)
+      for (; j + 4 * R <= n; j += 4 * R) {
+        __builtin_prefetch(x + j + 16 * R);  // 1 KB ahead within the segment (beyond its end is harmless)
         for (int u = 0; u < 4; ++u) add_vec(acc[u], Vec::loadu(x + j + u * R));
+      }
       for (; j + R <= n; j += R) add_vec(acc[0], Vec::loadu(x + j));
       for (int u = 1; u < 4; ++u) acc[0].merge(acc[u]);
       out = fold<Acc>(acc[0]);
