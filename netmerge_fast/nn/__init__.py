@@ -1,0 +1,7 @@
+"""Modules: HeterogeneousMoE (merging pre-trained classifiers) and its gating networks, PAN and UniversalGate."""
+
+from netmerge_fast.nn.heterogeneous_moe import COMBINERS, HeterogeneousMoE
+from netmerge_fast.nn.pan import PAN
+from netmerge_fast.nn.universal_gate import UniversalGate
+
+__all__ = ["COMBINERS", "PAN", "HeterogeneousMoE", "UniversalGate"]
