@@ -19,12 +19,15 @@ def save_gates(path: str | os.PathLike, state: dict[str, torch.Tensor], config: 
 
 
 def load_gates(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = os.fspath(path)
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as error:
+        raise ValueError(f"path {path!r} is not a safetensors file: {error}") from error
     if metadata.get("format") != FORMAT:
         raise ValueError(f"path {path!r} is not a netmerge-fast gate file (format {metadata.get('format')!r})")
     return load_file(path), json.loads(metadata["config"])
