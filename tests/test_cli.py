@@ -65,3 +65,24 @@ def test_unknown_suite_is_an_error(capsys):
 def test_backends_command(capsys):
     assert cli.main(["backends"]) == 0
     assert "torch" in capsys.readouterr().out
+
+
+def test_demo_quick_writes_json_and_plot(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("sklearn")
+    from netmerge_fast.demo.reproduction import ROWS
+
+    out, png = tmp_path / "demo.json", tmp_path / "demo.png"
+    assert cli.main(["demo", "--quick", "--seeds", "2", "--json", str(out), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "| combiner | disjoint_digits | two_domains | five_experts |" in printed
+    problems = json.loads(out.read_text())["problems"]
+    assert set(problems) == {"disjoint_digits", "two_domains", "five_experts"}
+    for table in problems.values():
+        assert tuple(table) == ROWS
+        for cell in table.values():
+            assert len(cell["per_seed"]) == 2 and all(0 <= v <= 1 for v in cell["per_seed"])
+            assert cell["mean"] == sum(cell["per_seed"]) / 2 and cell["std"] >= 0
+    assert table["oracle"]["mean"] >= table["naive"]["mean"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

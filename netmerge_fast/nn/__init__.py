@@ -1,5 +1,9 @@
-"""Layers built on the fused ops."""
+"""Modules: SparseMoE (the routed layer), HeterogeneousMoE (merging pre-trained classifiers) and its gating
+networks, PAN and UniversalGate."""
 
+from netmerge_fast.nn.heterogeneous_moe import COMBINERS, HeterogeneousMoE
+from netmerge_fast.nn.pan import PAN
 from netmerge_fast.nn.sparse_moe import MoEExperts, SharedExpert, SparseMoE
+from netmerge_fast.nn.universal_gate import UniversalGate
 
-__all__ = ["MoEExperts", "SharedExpert", "SparseMoE"]
+__all__ = ["COMBINERS", "PAN", "HeterogeneousMoE", "MoEExperts", "SharedExpert", "SparseMoE", "UniversalGate"]

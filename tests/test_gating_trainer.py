@@ -1,0 +1,159 @@
+"""GatingTrainer end to end on a slice of problem 1 (digits 0-4 / 5-9), reproducibility, files, bad input."""
+
+import socket
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from netmerge_fast.nn import HeterogeneousMoE, UniversalGate
+from netmerge_fast.training import GatingTrainer
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def problem1():
+    """Problem 1 with its two experts (few epochs), on one thread: tiny models are slower with thread sync."""
+    from netmerge_fast.demo.data import problem
+    from netmerge_fast.demo.experts import train_expert
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    p = problem("disjoint_digits")
+    experts = [
+        train_expert(x, y, c, seed=i, epochs=8)
+        for i, ((x, y), c) in enumerate(zip(p.experts_data, [5, 5], strict=True))
+    ]
+    yield p, experts
+    torch.set_num_threads(threads)
+
+
+def accuracy(moe, p):
+    with torch.no_grad():
+        return (moe.eval()(p.x_test).argmax(1) == p.y_test).float().mean().item()
+
+
+def test_gated_combiners_beat_naive_concatenation(problem1):
+    p, experts = problem1
+    naive = accuracy(HeterogeneousMoE(experts, [5, 5], "naive"), p)
+    for combiner in ("pan_logits", "pan_features"):
+        moe = HeterogeneousMoE(experts, [5, 5], combiner, feature_modules=[e.body for e in experts])
+        report = (
+            GatingTrainer(moe, seed=0, progress=False)
+            .fit(p.x_train, p.owner_train, epochs=30)
+            .evaluate(p.x_test, p.owner_test, p.y_test)
+        )
+        assert report.accuracy == pytest.approx(accuracy(moe, p))
+        assert report.accuracy > naive + 0.02, (combiner, report.accuracy, naive)
+        assert report.confusion.sum() == len(p.y_test)
+
+
+def test_data_free_pan_learns_membership_from_own_data_only(problem1):
+    p, experts = problem1
+    moe = HeterogeneousMoE(experts, [5, 5], "pan_logits")
+    own = [x for x, _ in p.experts_data]
+    report = GatingTrainer(moe, seed=0, progress=False).fit_data_free(own, epochs=20).evaluate(p.x_test, p.owner_test)
+    # Each expert's own test inputs are mostly claimed by it alone (two experts: chance would be 25%).
+    diagonal = report.confusion.diag().sum().item() / report.confusion.sum().item()
+    assert diagonal == pytest.approx(report.gate_accuracy)
+    assert report.gate_accuracy > 0.6
+
+
+def test_universal_gate_trains_and_transfers_through_a_file(problem1, tmp_path):
+    p, experts = problem1
+    moe = HeterogeneousMoE(experts, [5, 5], "universal", gate=UniversalGate())
+    trainer = GatingTrainer(moe, seed=3, progress=False).fit(p.x_train, p.owner_train, epochs=10)
+    assert trainer.evaluate(p.x_test, p.owner_test).gate_accuracy > 0.75
+    trainer.save(tmp_path / "u.safetensors")
+    loaded = UniversalGate.load(tmp_path / "u.safetensors")
+    fresh = HeterogeneousMoE(experts, [5, 5], "universal", gate=loaded)
+    torch.testing.assert_close(fresh.eval()(p.x_test[:50]), moe.eval()(p.x_test[:50]))
+
+
+def test_fit_is_reproducible_and_accepts_dataloaders(problem1):
+    p, experts = problem1
+    x, owner = p.x_train[:300], p.owner_train[:300]
+    states = []
+    for inputs, own in [(x, owner), (x, owner), (DataLoader(TensorDataset(x, owner), batch_size=37), None)]:
+        moe = HeterogeneousMoE(experts, [5, 5], "pan_logits")
+        GatingTrainer(moe, seed=7, progress=False).fit(inputs, own, epochs=3)
+        states.append(moe.pans.state_dict())
+    for other in states[1:]:
+        for a, b in zip(states[0].values(), other.values(), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_evaluate_confusion_matches_a_loop(problem1):
+    p, experts = problem1
+    moe = HeterogeneousMoE(experts, [5, 5], "std")
+    report = GatingTrainer(moe, progress=False).evaluate(p.x_test, p.owner_test, p.y_test)
+    _, winner = moe.eval()(p.x_test, return_winner=True)
+    want = torch.zeros(2, 3, dtype=torch.int64)
+    for o, w in zip(p.owner_test.tolist(), winner.tolist(), strict=True):
+        want[o, w if w >= 0 else 2] += 1
+    torch.testing.assert_close(report.confusion, want)
+    assert report.gate_accuracy == pytest.approx((want[0, 0] + want[1, 1]).item() / len(winner))
+
+
+def test_save_load_round_trip_and_refusals(problem1, tmp_path):
+    p, experts = problem1
+    moe = HeterogeneousMoE(experts, [5, 5], "pan_features", feature_modules=[e.body for e in experts])
+    trainer = GatingTrainer(moe, seed=1, progress=False).fit(p.x_train[:200], p.owner_train[:200], epochs=2)
+    path = tmp_path / "pans.safetensors"
+    trainer.save(path)
+    again = HeterogeneousMoE(experts, [5, 5], "pan_features", feature_modules=[e.body for e in experts])
+    GatingTrainer(again, progress=False).load(path)
+    torch.testing.assert_close(again.eval()(p.x_test), moe.eval()(p.x_test))
+
+    with pytest.raises(ValueError, match="kind"):  # a features PAN file into a logits-PAN model
+        HeterogeneousMoE(experts, [5, 5], "pan_logits").load_gates(path)
+    wrong_sizes = HeterogeneousMoE(experts, [5, 5], "pan_features", feature_dims=[64, 32])
+    with pytest.raises(ValueError, match="in_features"):
+        wrong_sizes.load_gates(path)
+    UniversalGate(stats=("mean", "std", "max", "min")).save(tmp_path / "u4.safetensors")
+    with pytest.raises(ValueError, match="stats"):
+        HeterogeneousMoE(experts, [5, 5], "universal").load_gates(tmp_path / "u4.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        HeterogeneousMoE(experts, [5, 5], "universal").load_gates(tmp_path / "junk.safetensors")
+
+
+def test_bad_trainer_input(problem1):
+    p, experts = problem1
+    with pytest.raises(TypeError, match="moe"):
+        GatingTrainer(experts[0])
+    moe = HeterogeneousMoE(experts, [5, 5], "pan_logits")
+    trainer = GatingTrainer(moe, progress=False)
+    with pytest.raises(ValueError, match="owner"):
+        trainer.fit(p.x_train[:10], p.owner_train[:9])
+    with pytest.raises(ValueError, match="owner"):
+        trainer.fit(p.x_train[:10], torch.full((10,), 2))
+    with pytest.raises(ValueError, match="epochs"):
+        trainer.fit(p.x_train[:10], p.owner_train[:10], epochs=0)
+    with pytest.raises(ValueError, match="val_fraction"):
+        GatingTrainer(moe, val_fraction=1.0)
+    with pytest.raises(ValueError, match="combiner"):
+        GatingTrainer(HeterogeneousMoE(experts, [5, 5], "naive")).fit(p.x_train[:10], p.owner_train[:10])
+    with pytest.raises(ValueError, match="own_inputs"):
+        trainer.fit_data_free([p.x_train[:10]])
+    with pytest.raises(ValueError, match="negatives"):
+        trainer.fit_data_free([p.x_train[:10]] * 2, negatives=["blur"])
+
+
+def test_demo_data_never_touches_the_network(monkeypatch):
+    from netmerge_fast.demo import data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the demo data tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    data.mnist1d.cache_clear()
+    x, _, x_test, _ = data.mnist1d()
+    assert x.shape == (4000, 1, 8, 8) and x_test.shape == (540, 1, 8, 8)
+    # Per-sample standardisation: both domains have zero mean and unit std in every sample.
+    for xs in (x, data.digits()[0]):
+        flat = xs.flatten(1)
+        torch.testing.assert_close(flat.mean(1), torch.zeros(len(flat)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(flat.std(1, unbiased=False), torch.ones(len(flat)), atol=1e-3, rtol=0)

@@ -1,0 +1,239 @@
+"""HeterogeneousMoE, PAN, UniversalGate and the augmentations against independent references: combine_logits
+called by hand, and plain per-row loops."""
+
+import pytest
+import torch
+from torch import nn
+
+from netmerge_fast import combine_logits, reference
+from netmerge_fast.nn import COMBINERS, PAN, HeterogeneousMoE, UniversalGate
+from netmerge_fast.nn.augmentations import AUGMENTATIONS
+from netmerge_fast.nn.heterogeneous_moe import DATA_FREE_COMBINERS
+
+COUNTS = [3, 5, 2]
+
+
+class Counting(nn.Module):
+    """A linear expert that counts its calls and can also return its input as the feature."""
+
+    def __init__(self, classes: int, seed: int, with_features: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.Tanh())
+        self.head = nn.Linear(6, classes)
+        self.calls = 0
+        self.with_features = with_features
+
+    def forward(self, x):
+        self.calls += 1
+        feature = self.body(x)
+        logits = self.head(feature) * 3
+        return (logits, feature) if self.with_features else logits
+
+
+def make_experts(with_features=False):
+    return [Counting(c, seed=i, with_features=with_features) for i, c in enumerate(COUNTS)]
+
+
+def by_hand(experts, x):
+    return [e(x) for e in experts]
+
+
+def select_row_loop(logits, winners):
+    """Winner takes all, one row at a time: the winner's logits, every other slot its minimum (-1: concatenation)."""
+    rows = []
+    for b, w in enumerate(winners.tolist()):
+        if w < 0:
+            rows.append(torch.cat([t[b] for t in logits]))
+        else:
+            fill = logits[w][b].min()
+            rows.append(torch.cat([t[b] if e == w else torch.full_like(t[b], fill) for e, t in enumerate(logits)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("combiner", DATA_FREE_COMBINERS)
+def test_data_free_combiners_match_combine_logits(combiner, gen):
+    experts = make_experts()
+    x = torch.randn(17, 1, 4, 4, generator=gen)
+    moe = HeterogeneousMoE(experts, COUNTS, combiner).eval()
+    with torch.no_grad():
+        out, winner = moe(x, return_winner=True)
+        want, want_winner = combine_logits(by_hand(experts, x), COUNTS, method=combiner, return_winner=True)
+    torch.testing.assert_close(out, want, equal_nan=True)
+    torch.testing.assert_close(winner, want_winner)
+    assert out.shape == (17, sum(COUNTS))
+
+
+def test_every_expert_runs_once_per_forward_even_with_augmented_passes(gen):
+    experts = make_experts()
+    moe = HeterogeneousMoE(experts, COUNTS, "naive", augmentations=list(AUGMENTATIONS))
+    moe(torch.randn(4, 1, 4, 4, generator=gen))
+    assert [e.calls for e in experts] == [1, 1, 1]
+
+
+def test_pan_logits_claims_follow_the_seed_rule(gen):
+    experts = make_experts()
+    moe = HeterogeneousMoE(experts, COUNTS, "pan_logits").eval()
+    x = torch.randn(40, 1, 4, 4, generator=gen)
+    with torch.no_grad():
+        out, winner = moe(x, return_winner=True)
+        logits = by_hand(experts, x)
+        claims = torch.stack([(p(lg)[:, 1] > p(lg)[:, 0]) for p, lg in zip(moe.pans, logits, strict=True)], 1)
+    single = claims.sum(1) == 1
+    want_winner = torch.where(single, claims.float().argmax(1), -1)
+    torch.testing.assert_close(winner, want_winner)
+    torch.testing.assert_close(out, select_row_loop(logits, want_winner))
+
+
+@pytest.mark.parametrize("hook", ["tuple", "feature_modules"])
+def test_pan_features_reads_the_features(hook, gen):
+    experts = make_experts(with_features=hook == "tuple")
+    modules = [e.body for e in experts] if hook == "feature_modules" else None
+    moe = HeterogeneousMoE(experts, COUNTS, "pan_features", feature_modules=modules, feature_dims=[6, 6, 6]).eval()
+    x = torch.randn(30, 1, 4, 4, generator=gen)
+    with torch.no_grad():
+        _, winner = moe(x, return_winner=True)
+        feats = [e.body(x) for e in experts]
+        claims = torch.stack([p.claims(f) for p, f in zip(moe.pans, feats, strict=True)], 1)
+    torch.testing.assert_close(winner, torch.where(claims.sum(1) == 1, claims.float().argmax(1), -1))
+
+
+def test_pan_features_without_features_is_an_error(gen):
+    moe = HeterogeneousMoE(make_experts(), COUNTS, "pan_features", feature_dims=[6, 6, 6])
+    with pytest.raises(ValueError, match="feature"):
+        moe(torch.randn(2, 1, 4, 4, generator=gen))
+
+
+def test_universal_gate_scores_match_a_loop_over_experts(gen):
+    experts = make_experts()
+    gate = UniversalGate(stats=("mean", "std", "max", "min", "median"))
+    moe = HeterogeneousMoE(experts, COUNTS, "universal", gate=gate).eval()
+    x = torch.randn(25, 1, 4, 4, generator=gen)
+    with torch.no_grad():
+        out, winner = moe(x, return_winner=True)
+        logits = by_hand(experts, x)
+        scores = []
+        for lg in logits:  # one expert at a time, through the reference statistics
+            stats = reference.logit_statistics([lg], [lg.shape[1]], stats=gate.stats)[:, 0]
+            o = gate.net(stats)
+            scores.append(o[:, 1] - o[:, 0])
+        want_winner = torch.stack(scores, 1).argmax(1)
+    torch.testing.assert_close(winner, want_winner)
+    torch.testing.assert_close(out, select_row_loop(logits, want_winner))
+
+
+def test_universal_uses_the_bundled_gate_by_default():
+    moe = HeterogeneousMoE(make_experts(), COUNTS, "universal")
+    bundled = UniversalGate.pretrained()
+    assert moe.gate.stats == ("mean", "std", "max")
+    for a, b in zip(moe.gate.state_dict().values(), bundled.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="stats"):
+        UniversalGate.pretrained(stats=("mean", "std", "max", "min"))
+
+
+def test_oracle_selects_the_true_domain(gen):
+    experts = make_experts()
+    x = torch.randn(12, 1, 4, 4, generator=gen)
+    domain = torch.randint(0, 3, (12,), generator=gen)
+    moe = HeterogeneousMoE(experts, COUNTS, "oracle").eval()
+    with torch.no_grad():
+        out, winner = moe(x, domain, return_winner=True)
+        want = select_row_loop(by_hand(experts, x), domain)
+    torch.testing.assert_close(winner, domain)
+    torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match="domain"):
+        moe(x)
+    with pytest.raises(ValueError, match="domain"):
+        moe(x, torch.full((12,), 3))
+    with pytest.raises(ValueError, match="domain"):
+        HeterogeneousMoE(experts, COUNTS, "naive")(x, domain)
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "vote"])
+def test_augmented_passes_aggregate_like_a_loop(aggregate, gen):
+    experts = make_experts()
+    augs = [lambda x: 2 * x, lambda x: -x, lambda x: x.flip(-1)]
+    moe = HeterogeneousMoE(experts, COUNTS, "std", augmentations=augs, aggregate=aggregate).eval()
+    x = torch.randn(9, 1, 4, 4, generator=gen)
+    with torch.no_grad():
+        out = moe(x)
+        passes = [combine_logits(by_hand(experts, v), COUNTS, method="std") for v in [x, *(a(x) for a in augs)]]
+    if aggregate == "mean":
+        torch.testing.assert_close(out, torch.stack(passes).mean(0))
+    else:
+        for b in range(9):
+            votes = torch.zeros(sum(COUNTS))
+            for p in passes:
+                votes[p[b].argmax()] += 1
+            votes[passes[0][b].argmax()] += 0.5  # the plain pass breaks ties
+            torch.testing.assert_close(out[b], votes)
+
+
+def test_named_augmentations_keep_shapes(gen):
+    x = torch.randn(6, 1, 8, 8, generator=gen)
+    torch.manual_seed(0)
+    for name, aug in AUGMENTATIONS.items():
+        y = aug(x)
+        assert y.shape == x.shape and torch.isfinite(y).all(), name
+        assert not torch.equal(y, x), name
+    torch.testing.assert_close(AUGMENTATIONS["flip"](x), x.flip(-1).flip(-2))
+
+
+def test_pan_shape_and_claims(gen):
+    pan = PAN(7)
+    assert [m.out_features for m in pan.net if isinstance(m, nn.Linear)] == [80, 60, 2]
+    out = pan(torch.randn(4, 7, generator=gen))
+    assert out.shape == (4, 2)
+    with pytest.raises(ValueError, match=r"\[B, 7\]"):
+        pan(torch.randn(4, 6))
+
+
+def test_universal_gate_sizes():
+    gate = UniversalGate()
+    assert [m.out_features for m in gate.net if isinstance(m, nn.Linear)] == [80, 50, 20, 2]
+    with pytest.raises(ValueError, match="stats"):
+        UniversalGate(stats=("mean", "nope"))
+    with pytest.raises(TypeError, match="stats"):
+        UniversalGate(stats="mean")
+
+
+def test_gradients_reach_the_experts(gen):
+    experts = make_experts()
+    moe = HeterogeneousMoE(experts, COUNTS, "naive")
+    moe(torch.randn(3, 1, 4, 4, generator=gen)).sum().backward()
+    assert all(e.head.weight.grad is not None for e in experts)
+
+
+def test_bad_arguments_name_themselves():
+    experts = make_experts()
+    with pytest.raises(ValueError, match="class_counts"):
+        HeterogeneousMoE(experts, [3, 5])
+    with pytest.raises(ValueError, match="experts"):
+        HeterogeneousMoE(experts[:1], [3])
+    with pytest.raises(TypeError, match="experts"):
+        HeterogeneousMoE(experts[0], COUNTS)
+    with pytest.raises(TypeError, match=r"experts\[1\]"):
+        HeterogeneousMoE([experts[0], "x", experts[2]], COUNTS)
+    with pytest.raises(ValueError, match="combiner"):
+        HeterogeneousMoE(experts, COUNTS, "gate")
+    with pytest.raises(ValueError, match="aggregate"):
+        HeterogeneousMoE(experts, COUNTS, aggregate="median")
+    with pytest.raises(ValueError, match=r"augmentations\[0\]"):
+        HeterogeneousMoE(experts, COUNTS, augmentations=["blur"])
+    with pytest.raises(ValueError, match="gate"):
+        HeterogeneousMoE(experts, COUNTS, "naive", gate=UniversalGate())
+    with pytest.raises(ValueError, match=r"class_counts\[1\]"):
+        HeterogeneousMoE(experts, [3, 4, 2])(torch.randn(2, 1, 4, 4))  # expert 1 answers over 5 classes
+    with pytest.raises(ValueError, match=r"class_counts\[2\]"):
+        HeterogeneousMoE(experts, [3, 5, 0])
+
+
+def test_experts_on_different_devices_are_an_error():
+    meta = nn.Linear(16, 5, device="meta")
+    with pytest.raises(ValueError, match=r"experts\[1\] is on meta"):
+        HeterogeneousMoE([nn.Linear(16, 3), meta], [3, 5])
+
+
+def test_combiner_list_is_complete():
+    assert set(COMBINERS) >= {"naive", "std", "pan_logits", "pan_features", "universal", "oracle"}
