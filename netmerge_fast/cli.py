@@ -4,6 +4,7 @@ netmerge-fast bench                 the default suite (every suite below), CPU
 netmerge-fast bench topk            one suite
 netmerge-fast bench topk --json out.json --quick
 netmerge-fast bench dispatch layer --dtype bfloat16 --plot out.png
+netmerge-fast bench hf              whole Hugging Face MoE models with integrations.hf.enable (not in the default)
 netmerge-fast backends              what this machine can run
 """
 
@@ -20,6 +21,7 @@ SUITES = {
     "topk": "netmerge_fast.bench.topk",
     "dispatch": "netmerge_fast.bench.dispatch",
     "layer": "netmerge_fast.bench.layer",
+    "hf": "netmerge_fast.bench.hf",
 }
 DEFAULT_SUITES = ("topk", "dispatch", "layer")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

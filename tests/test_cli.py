@@ -52,3 +52,15 @@ def test_unknown_suite_is_an_error(capsys):
 def test_backends_command(capsys):
     assert cli.main(["backends"]) == 0
     assert "torch" in capsys.readouterr().out
+
+
+def test_bench_hf_quick(tmp_path, capsys):
+    pytest.importorskip("transformers", minversion="5.0")
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "hf", "--quick", "--json", str(out)]) == 0
+    assert "## hf" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["suites"]["hf"]
+    assert {(row["case"], row["T"]) for row in rows} == {("block", 1), ("prefill", 32), ("decode", 4)}
+    for row in rows:
+        assert row["ours_us"] > 0 and row["ours_tok_s"] > 0
+        assert all(row[f"x_hf_{i}"] > 0 for i in ("grouped_mm", "eager", "batched_mm"))
