@@ -86,7 +86,7 @@ class Calls:
 
     def __init__(self, monkeypatch):
         self.topk = self.experts = 0
-        topk, experts = hf.topk_gating, hf.moe_experts
+        topk, experts = hf.topk_gating, hf.run_validated
 
         def counted_topk(*a, **k):
             self.topk += 1
@@ -97,7 +97,7 @@ class Calls:
             return experts(*a, **k)
 
         monkeypatch.setattr(hf, "topk_gating", counted_topk)
-        monkeypatch.setattr(hf, "moe_experts", counted_experts)
+        monkeypatch.setattr(hf, "run_validated", counted_experts)
 
 
 def moe_layers(model) -> int:

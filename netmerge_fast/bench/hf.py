@@ -7,19 +7,22 @@ follow the real model, with H scaled down so a case runs in seconds on 2 CPU cor
   prefill T=...   model(input_ids) on one sequence of T tokens (logits included)
   decode N        model.generate: a 16-token prompt, N new tokens (greedy, KV cache); tokens/s = N / time
 Implementations: ours (``enable``: routers on topk_gating, experts on moe_experts), and transformers' experts
-implementations with transformers' routers: ``grouped_mm`` (its default), ``eager`` and ``batched_mm``.
+implementations with transformers' routers: ``grouped_mm`` (its default), ``eager`` and ``batched_mm``. They are
+timed in turn, round after round (medians of 7 rounds), so a change of the machine's load reaches all of them.
 x_<impl> = that implementation's time / ours; x_best_hf uses the fastest of the three.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from netmerge_fast.bench import time_call
+from netmerge_fast.bench import _sync
 from netmerge_fast.bench.dispatch import cycle_calls
 
 HF_IMPLEMENTATIONS = ("grouped_mm", "eager", "batched_mm")
@@ -112,7 +115,7 @@ MODELS = (
         ),
     ),
 )
-CASES = (("block", 1), ("block", 256), ("prefill", 256), ("decode", 32))
+CASES = (("block", 1), ("block", 256), ("prefill", 256), ("decode", 16))
 QUICK = {
     "models": tuple(
         Model(
@@ -125,9 +128,11 @@ QUICK = {
             },
         )
         for m in MODELS
-        if m.family in ("qwen3_moe", "gpt_oss")
+        if m.family == "gpt_oss"
     ),
     "cases": (("block", 1), ("prefill", 32), ("decode", 4)),
+    "rounds": 1,
+    "min_run_s": 0.002,
 }
 
 _CONFIGS = {
@@ -190,12 +195,51 @@ def _callable(model, case: str, T: int, device: str, dtype: torch.dtype, generat
     return lambda: model.generate(prompt, **kwargs)
 
 
+def time_interleaved(
+    fns: dict[str, tuple[Callable[[], None], Callable[[], Any]]],
+    device: str = "cpu",
+    *,
+    rounds: int = 7,
+    min_run_s: float = 0.05,
+) -> dict[str, float]:
+    """Median seconds per call of each ``(setup, fn)``, timed round-robin: on a shared machine a change of load
+    then hits every implementation alike instead of whichever ran at the time. ``setup`` runs before each run
+    (it switches the model's implementation), followed by one untimed call."""
+    device = torch.device(device)
+    calls, samples = {}, {name: [] for name in fns}
+    for name, (setup, fn) in fns.items():
+        setup()
+        fn()
+        calls[name] = 1
+        while True:
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            _sync(device)
+            if time.perf_counter() - start >= min_run_s or calls[name] >= 1 << 12:
+                break
+            calls[name] *= 2
+    for _ in range(rounds):
+        for name, (setup, fn) in fns.items():
+            setup()
+            fn()
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def run(
     *,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     models: tuple[Model, ...] = MODELS,
     cases: tuple[tuple[str, int], ...] = CASES,
+    rounds: int = 7,
+    min_run_s: float = 0.05,
     compile: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -213,12 +257,15 @@ def run(
             if progress:
                 progress(f"hf {spec.name} {case} {T} {dtype}")
             row: dict[str, Any] = {"model": spec.name, "case": case, "T": T, "dtype": str(dtype).removeprefix("torch.")}
-            times = {}
+            fns = {
+                implementation: (
+                    lambda i=implementation, m=model: select(m, i),
+                    _callable(model, case, T, device, dtype, torch.Generator().manual_seed(T)),
+                )
+                for implementation in ("ours", *HF_IMPLEMENTATIONS)
+            }
             with torch.no_grad():
-                for implementation in ("ours", *HF_IMPLEMENTATIONS):
-                    select(model, implementation)
-                    fn = _callable(model, case, T, device, dtype, torch.Generator().manual_seed(T))
-                    times[implementation] = time_call(fn, device, repeats=5 if case == "decode" else 7)
+                times = time_interleaved(fns, device, rounds=rounds, min_run_s=min_run_s)
             ours = times["ours"]
             row["ours_us"] = ours * 1e6
             row["ours_tok_s"] = T / ours

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmerge_fast import _checks, reference
-from netmerge_fast.dispatch import moe_experts
+from netmerge_fast.dispatch import moe_experts, run_validated
 from netmerge_fast.routing import topk_gating
 
 __all__ = ["EXPERTS_IMPLEMENTATION", "HFPatchReport", "disable", "enable"]
@@ -245,17 +245,27 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if self.has_bias:
         b_first = self.gate_up_proj_bias if self.has_gate else self.up_proj_bias
         b_down = self.down_proj_bias
-    return moe_experts(
-        hidden_states,
-        first,
-        down,
-        top_k_weights.float(),
-        top_k_index,
-        activation=plan.activation,
-        gated=self.has_gate,
-        b_gate_up=b_first,
-        b_down=b_down,
-    )
+    # The weights were checked at enable and the ids come from a router's top-k: skip moe_experts' per-call checks.
+    out = run_validated(
+        hidden_states.to(first.dtype), first, down, top_k_weights.float(), top_k_index, plan.activation,
+        self.has_gate, b_first, b_down, False, "auto",
+    )  # fmt: skip
+    return out.to(hidden_states.dtype)
+
+
+@torch.no_grad()
+def _check_weights(module: nn.Module, plan: _ExpertsPlan) -> None:
+    """Put the module's weights through moe_experts' checks once, on an empty batch."""
+    first = getattr(module, _first_weight_name(module))
+    down = module.down_proj
+    if module.is_transposed:
+        first, down = first.transpose(1, 2), down.transpose(1, 2)
+    b_first = getattr(module, _first_weight_name(module) + "_bias") if module.has_bias else None
+    b_down = module.down_proj_bias if module.has_bias else None
+    hidden = first.new_empty(0, first.shape[2])
+    none = torch.empty(0, 1, device=first.device)
+    moe_experts(hidden, first, down, none, none.long(), activation=plan.activation, gated=module.has_gate,
+                b_gate_up=b_first, b_down=b_down)  # fmt: skip
 
 
 def _fallback(module: nn.Module, plan):
@@ -356,6 +366,7 @@ def _enable_experts(model: nn.Module, report: HFPatchReport) -> None:
         if module.is_transposed:
             _relayout(module, plan)
             report.relayout.append(name)
+        _check_weights(module, plan)
         module._netmerge_plan = plan
         report.experts.append(name)
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
