@@ -67,7 +67,8 @@ def _softmax_router(cast_weights: bool):
 
     def forward(self, hidden_states):
         logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
-        weights, ids = topk_gating(logits, self.top_k, renormalize=getattr(self, "norm_topk_prob", True))
+        # Mixtral has no norm_topk_prob (it always renormalises); read __dict__ to skip nn.Module's slow miss.
+        weights, ids = topk_gating(logits, self.top_k, renormalize=bool(self.__dict__.get("norm_topk_prob", True)))
         if cast_weights:
             weights = weights.to(logits.dtype)
         return logits, weights, ids.long()
