@@ -120,6 +120,19 @@ def moe_experts(
     """
     _validate(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down)
     _checks.boolean("apply_weights_on_input", apply_weights_on_input)
+    return run_validated(
+        hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down,
+        apply_weights_on_input, backend,
+    )  # fmt: skip
+
+
+def run_validated(
+    hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, apply_weights_on_input,
+    backend,
+):  # fmt: skip
+    """``moe_experts`` after its checks. For callers that check once what stays fixed (the weights, at set-up) and
+    pass ids that are valid by construction (a router's top-k), so a decode step does not pay the checks each
+    layer (integrations.hf); the native kernel still checks the id range on CPU."""
     chosen = resolve("moe_experts", backend, hidden.device, hidden.dtype)
     if chosen == "torch":
         return reference.moe_experts(

@@ -86,3 +86,15 @@ def test_demo_quick_writes_json_and_plot(tmp_path, capsys):
             assert cell["mean"] == sum(cell["per_seed"]) / 2 and cell["std"] >= 0
     assert table["oracle"]["mean"] >= table["naive"]["mean"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_hf_quick(tmp_path, capsys):
+    pytest.importorskip("transformers", minversion="5.0")
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "hf", "--quick", "--json", str(out)]) == 0
+    assert "## hf" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["suites"]["hf"]
+    assert {(row["case"], row["T"]) for row in rows} == {("block", 1), ("prefill", 32), ("decode", 4)}
+    for row in rows:
+        assert row["ours_us"] > 0 and row["ours_tok_s"] > 0
+        assert all(row[f"x_hf_{i}"] > 0 for i in ("grouped_mm", "eager", "batched_mm"))
