@@ -71,6 +71,25 @@ def test_universal_gate_trains_and_transfers_through_a_file(problem1, tmp_path):
     torch.testing.assert_close(fresh.eval()(p.x_test[:50]), moe.eval()(p.x_test[:50]))
 
 
+def test_universal_gate_from_problem1_routes_five_two_class_experts(problem1, tmp_path):
+    # Trained on two 5-class experts only, applied to five 2-class experts it never saw (no data from them):
+    # the class-count-normalised features must keep it well above chance (1/5 of the rows routed right).
+    from netmerge_fast.demo.data import problem
+    from netmerge_fast.demo.experts import train_expert
+
+    p, experts = problem1
+    moe = HeterogeneousMoE(experts, [5, 5], "universal", gate=UniversalGate())
+    GatingTrainer(moe, seed=0, progress=False).fit(p.x_train, p.owner_train, epochs=10)
+    moe.gate.save(tmp_path / "u.safetensors")
+    p3 = problem("five_experts")
+    five = [train_expert(x, y, 2, seed=20 + i, epochs=8) for i, (x, y) in enumerate(p3.experts_data)]
+    target = HeterogeneousMoE(five, [2] * 5, "universal", gate=UniversalGate.load(tmp_path / "u.safetensors"))
+    report = GatingTrainer(target, progress=False).evaluate(p3.x_test, p3.owner_test, p3.y_test)
+    naive = accuracy(HeterogeneousMoE(five, [2] * 5, "naive"), p3)
+    assert report.gate_accuracy > 0.5, report.confusion
+    assert report.accuracy > naive - 0.1, (report.accuracy, naive)
+
+
 def test_fit_is_reproducible_and_accepts_dataloaders(problem1):
     p, experts = problem1
     x, owner = p.x_train[:300], p.owner_train[:300]
@@ -114,6 +133,12 @@ def test_save_load_round_trip_and_refusals(problem1, tmp_path):
     UniversalGate(stats=("mean", "std", "max", "min")).save(tmp_path / "u4.safetensors")
     with pytest.raises(ValueError, match="stats"):
         HeterogeneousMoE(experts, [5, 5], "universal").load_gates(tmp_path / "u4.safetensors")
+    # the paper's statistics and the normalised features are different gates of the same size
+    UniversalGate(stats=("mean", "std", "max", "median")).save(tmp_path / "raw4.safetensors")
+    with pytest.raises(ValueError, match=r"stats.*max_prob_norm"):
+        HeterogeneousMoE(experts, [5, 5], "universal").load_gates(tmp_path / "raw4.safetensors")
+    with pytest.raises(ValueError, match="stats"):
+        UniversalGate.load(tmp_path / "raw4.safetensors", stats=UniversalGate().stats)
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="not a safetensors file"):
         HeterogeneousMoE(experts, [5, 5], "universal").load_gates(tmp_path / "junk.safetensors")

@@ -122,10 +122,42 @@ def test_universal_gate_scores_match_a_loop_over_experts(gen):
     torch.testing.assert_close(out, select_row_loop(logits, want_winner))
 
 
+def test_universal_gate_derived_features_match_formulas(gen):
+    counts = [1, 2, 5, 10]
+    logits = [3 * torch.randn(7, c, generator=gen, dtype=torch.float64) for c in counts]
+    gate = UniversalGate(stats=("max_prob_norm", "entropy_norm", "margin", "max_minus_median", "mean"))
+    got = gate.statistics(logits)
+    assert got.shape == (7, 4, 5)
+    for e, (lg, c) in enumerate(zip(logits, counts, strict=True)):
+        p = lg.softmax(1)
+        entropy = -(p * p.log()).sum(1)
+        want_prob = (p.max(1).values - 1 / c) / (1 - 1 / c) if c > 1 else torch.ones(7, dtype=lg.dtype)
+        want_entropy = entropy / torch.tensor(float(c)).log() if c > 1 else torch.zeros(7, dtype=lg.dtype)
+        torch.testing.assert_close(got[:, e, 0], want_prob)
+        torch.testing.assert_close(got[:, e, 1], want_entropy)
+        torch.testing.assert_close(got[:, e, 3], lg.max(1).values - lg.quantile(0.5, dim=1))
+        torch.testing.assert_close(got[:, e, 4], lg.mean(1))
+    # the same from one packed tensor with class_counts; and gradients reach the logits
+    packed = torch.cat(logits, 1).requires_grad_(True)
+    torch.testing.assert_close(gate.statistics(packed, counts), got)
+    packed = torch.cat(logits, 1).float().requires_grad_(True)
+    gate.scores(packed[:, 1:], counts[1:]).sum().backward()
+    assert torch.isfinite(packed.grad[:, 1:]).all() and packed.grad[:, 1:].abs().sum() > 0
+
+
+def test_universal_gate_features_are_on_one_scale_for_any_class_count():
+    # a certain expert reads (1, 0, ...) and an undecided one (0, 1, ...) whatever its class count
+    for c in (2, 3, 10):
+        certain = torch.full((1, c), -50.0)
+        certain[0, 0] = 50.0
+        stats = UniversalGate().statistics([certain, torch.zeros(1, c)])[0]
+        torch.testing.assert_close(stats[:, :2], torch.tensor([[1.0, 0.0], [0.0, 1.0]]), atol=1e-5, rtol=0)
+
+
 def test_universal_uses_the_bundled_gate_by_default():
     moe = HeterogeneousMoE(make_experts(), COUNTS, "universal")
     bundled = UniversalGate.pretrained()
-    assert moe.gate.stats == ("mean", "std", "max")
+    assert moe.gate.stats == ("max_prob_norm", "entropy_norm", "margin", "max_minus_median")
     for a, b in zip(moe.gate.state_dict().values(), bundled.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="stats"):
@@ -196,6 +228,9 @@ def test_universal_gate_sizes():
         UniversalGate(stats=("mean", "nope"))
     with pytest.raises(TypeError, match="stats"):
         UniversalGate(stats="mean")
+    with pytest.raises(ValueError, match="stats"):
+        UniversalGate(stats=("max_prob_norm", "entropy_nrom"))
+    assert UniversalGate(stats=("entropy_norm", "std")).net[0].in_features == 2
 
 
 def test_gradients_reach_the_experts(gen):
@@ -237,3 +272,27 @@ def test_experts_on_different_devices_are_an_error():
 
 def test_combiner_list_is_complete():
     assert set(COMBINERS) >= {"naive", "std", "pan_logits", "pan_features", "universal", "oracle"}
+
+
+def test_gate_files_are_byte_reproducible_and_old_files_load(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    gate = UniversalGate(stats=("entropy_norm", "mean"))
+    blobs = set()
+    for i in range(8):  # metadata in several keys would come out in varying (hash) order
+        gate.save(tmp_path / f"g{i}.safetensors")
+        blobs.add((tmp_path / f"g{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    # a file in the first layout (format and config as two metadata keys) still loads
+    config = json.dumps(gate.config(), sort_keys=True)
+    state = {k: v.contiguous() for k, v in gate.state_dict().items()}
+    save_file(state, tmp_path / "old.safetensors", metadata={"format": "netmerge-fast-gates/1", "config": config})
+    loaded = UniversalGate.load(tmp_path / "old.safetensors")
+    assert loaded.stats == gate.stats
+    for a, b in zip(loaded.state_dict().values(), gate.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    save_file(state, tmp_path / "alien.safetensors", metadata={"format": "other/1"})
+    with pytest.raises(ValueError, match="not a netmerge-fast gate file"):
+        UniversalGate.load(tmp_path / "alien.safetensors")

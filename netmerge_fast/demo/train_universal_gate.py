@@ -3,8 +3,8 @@
     python -m netmerge_fast.demo.train_universal_gate [--out PATH]
 
 Experts for problem 1 (digits 0-4 / 5-9) trained from a seed the demo does not use (so the demo's "bundled" row
-meets experts the gate never saw), then one universal gate on their (mean, std, max) statistics. Deterministic on
-one CPU thread.
+meets experts the gate never saw), then one universal gate (``UniversalGate()``: the default class-count-normalised
+features) on their logits. Deterministic on one CPU thread.
 """
 
 from __future__ import annotations

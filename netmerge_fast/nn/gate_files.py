@@ -9,13 +9,17 @@ import os
 import torch
 
 FORMAT = "netmerge-fast-gates/1"
+# One metadata key holding format and configuration: safetensors writes its metadata map in hash order, which
+# changes run to run, so two keys would make the same gates give different bytes (the bundled gate must not).
+META_KEY = "netmerge_fast"
 
 
 def save_gates(path: str | os.PathLike, state: dict[str, torch.Tensor], config: dict) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    save_file(tensors, os.fspath(path), metadata={"format": FORMAT, "config": json.dumps(config, sort_keys=True)})
+    meta = json.dumps({"format": FORMAT, "config": config}, sort_keys=True)
+    save_file(tensors, os.fspath(path), metadata={META_KEY: meta})
 
 
 def load_gates(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -28,9 +32,17 @@ def load_gates(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
             metadata = f.metadata() or {}
     except SafetensorError as error:
         raise ValueError(f"path {path!r} is not a safetensors file: {error}") from error
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"path {path!r} is not a netmerge-fast gate file (format {metadata.get('format')!r})")
-    return load_file(path), json.loads(metadata["config"])
+    if META_KEY in metadata:
+        try:
+            metadata = json.loads(metadata[META_KEY])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"path {path!r} has unreadable netmerge-fast metadata: {error}") from error
+    elif "config" in metadata:  # files written before the single key: format and config as two keys
+        metadata = {"format": metadata.get("format"), "config": json.loads(metadata["config"])}
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise ValueError(f"path {path!r} is not a netmerge-fast gate file (format {found!r})")
+    return load_file(path), metadata["config"]
 
 
 def check_config(path: str | os.PathLike, found: dict, expected: dict) -> None:
