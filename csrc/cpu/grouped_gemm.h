@@ -29,6 +29,7 @@ void parallel_tasks(int64_t n, const F& fn, double flops = kParallelFlops, doubl
 
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/InferenceMode.h>
 
 #include <atomic>
 
@@ -38,8 +39,11 @@ void netmerge::cpu::parallel_tasks(int64_t n, const F& fn, double flops, double 
   const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
   std::atomic<int64_t> next{0};
   const bool worth_it = flops >= kParallelFlops || bytes >= kParallelBytes;
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, workers, worth_it ? 1 : workers, [&](int64_t, int64_t) {
-    // Worker threads do not inherit the caller's dispatch state: the ATen calls in fn are below autograd.
+    // Worker threads do not inherit the caller's dispatch state: the ATen calls in fn are below autograd, and
+    // under the caller's inference mode (at::mm_out into inference tensors fails outside it).
+    c10::InferenceMode inference_mode(inference);
     at::AutoDispatchBelowAutograd below_autograd;
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
   });
