@@ -9,6 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
+from netmerge_fast.bench.hf import randomize  # noqa: E402
 from netmerge_fast.integrations import hf  # noqa: E402
 
 VOCAB = 96
@@ -67,13 +68,7 @@ def tiny_model(family: str, dtype=torch.float32, seed: int = 0):
     config = CONFIGS[family]()
     config.output_router_logits = family in AUX_LOSS
     model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.1)
-        for name, b in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                b.normal_(0, 0.1)
+    randomize(model, std=0.1)
     return model.to(dtype).eval()
 
 

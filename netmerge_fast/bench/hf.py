@@ -152,14 +152,19 @@ def build(spec: Model, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     torch.manual_seed(0)
     config = getattr(transformers, _CONFIGS[spec.family])(**spec.config)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.02)
-        for name, b in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                b.normal_(0, 0.02)
+    randomize(model, std=0.02)
     return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, std: float) -> None:
+    """Draw every weight but the norms, and DeepSeek-V3's selection bias, from N(0, std^2) (torch's global RNG)."""
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            p.normal_(0, std)
+    for name, b in model.named_buffers():
+        if "e_score_correction_bias" in name:
+            b.normal_(0, std)
 
 
 def select(model, implementation: str) -> None:
