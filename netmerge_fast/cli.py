@@ -8,6 +8,7 @@ netmerge-fast bench hf              whole Hugging Face MoE models with integrati
 netmerge-fast backends              what this machine can run
 netmerge-fast demo                  the Kang et al. reproduction table (needs the `demo` extra)
 netmerge-fast demo --seeds 5 --json table.json --plot table.png
+netmerge-fast demo NAME ...         another reproduction (see DEMOS)
 """
 
 from __future__ import annotations
@@ -70,7 +71,26 @@ def _backends(_args: argparse.Namespace) -> int:
     return 0
 
 
+# Reproduction name -> module in netmerge_fast.demo exposing cli(args) -> exit code; they share the demo's flags
+# (--seeds, --quick, --json, --plot). Without a name, `demo` runs the Kang et al. table.
+DEMOS: dict[str, str] = {}
+
+
 def _demo(args: argparse.Namespace) -> int:
+    if args.seeds is not None and args.seeds < 1:
+        print("--seeds must be at least 1", file=sys.stderr)
+        return 2
+    if args.experiment is None:
+        return _kang_demo(args)
+    try:
+        module = importlib.import_module(DEMOS[args.experiment])
+    except ImportError as error:  # pragma: no cover - the message is the point
+        print(f"netmerge-fast demo needs the demo extra (pip install 'netmerge-fast[demo]'): {error}", file=sys.stderr)
+        return 2
+    return module.cli(args)
+
+
+def _kang_demo(args: argparse.Namespace) -> int:
     import time
 
     try:
@@ -78,9 +98,7 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError as error:  # pragma: no cover - the message is the point
         print(f"netmerge-fast demo needs the demo extra (pip install 'netmerge-fast[demo]'): {error}", file=sys.stderr)
         return 2
-    if args.seeds < 1:
-        print("--seeds must be at least 1", file=sys.stderr)
-        return 2
+    args.seeds = args.seeds or 5
     start = time.perf_counter()
     threads = torch.get_num_threads()
     # The models are tiny: on a CPU, one thread is faster than paying for thread sync on every small op.
@@ -120,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     backends = sub.add_parser("backends", help="which backends this machine has, and why not")
     backends.set_defaults(func=_backends)
 
-    demo = sub.add_parser("demo", help="merge heterogeneous experts: every combiner on three problems (Kang et al.)")
-    demo.add_argument("--seeds", type=int, default=5, help="seeds per problem (default 5)")
+    demo = sub.add_parser("demo", help="the reproductions: by default every combiner on three problems (Kang et al.)")
+    demo.add_argument("experiment", nargs="?", choices=sorted(DEMOS), help="another reproduction")
+    demo.add_argument("--seeds", type=int, default=None, help="seeds per model or problem (default: the demo's own)")
     demo.add_argument("--quick", action="store_true", help="few epochs (seconds, for smoke tests)")
     demo.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     demo.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart")
