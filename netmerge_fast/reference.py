@@ -91,8 +91,9 @@ def topk_gating(
         group_allowed = torch.zeros(T, num_groups, dtype=torch.bool, device=x.device).scatter(1, best_groups, True)
         allowed = group_allowed.repeat_interleave(E // num_groups, dim=1)
 
-    # Rank by key (ties to the lower index), then move every disallowed expert behind the allowed ones.
-    order = _stable_descending_order(key)
+    # Rank the allowed experts by key (ties to the lower index), then the disallowed ones behind them in index
+    # order: they fill the slots left when the allowed groups hold fewer than k experts.
+    order = _stable_descending_order(key.masked_fill(~allowed, float("-inf")))
     order = order.gather(1, _stable_descending_order(allowed.gather(1, order).to(torch.int8)))
     ids = order[:, :k]
 

@@ -39,7 +39,10 @@ def topk_gating(
         bias: ``[E]`` added to the scores for selection only (DeepSeek-V3 ``e_score_correction_bias``);
             the weights use the unbiased scores. No gradient flows to it.
         num_groups, topk_groups: group-limited routing. The E experts form ``num_groups`` contiguous groups;
-            only experts of the best ``topk_groups`` groups can be picked. ``topk_groups=None`` keeps all.
+            the experts of the best ``topk_groups`` groups are picked first. ``topk_groups=None`` keeps all.
+            When those groups hold fewer than k experts (``topk_groups * E / num_groups < k``), the other
+            experts fill the remaining slots in index order, weighted by their own (unbiased) scores like
+            every slot: transformers' DeepSeek-V3 router masks them to -inf and lets its top-k take them.
         group_score: how a group is scored: ``"max"`` (its best key) or ``"top2_sum"`` (sum of its two best
             keys, DeepSeek-V3).
         softmax_after_topk: rank by raw logits (+ bias) and apply the softmax over the k chosen (GPT-OSS).
@@ -104,11 +107,6 @@ def _validate(
     group_size = E // num_groups
     if topk_groups is not None:
         _checks.integer("topk_groups", topk_groups, low=1, high=num_groups)
-        if topk_groups * group_size < k:
-            raise ValueError(
-                f"topk_groups * (E / num_groups) must be >= k: {topk_groups} groups of "
-                f"{group_size} experts cannot hold k={k}"
-            )
     _checks.choice("group_score", group_score, _GROUP_SCORES)
     if group_score == "top2_sum" and num_groups > 1 and group_size < 2:
         raise ValueError(f"group_score='top2_sum' needs groups of at least 2 experts, got {group_size}")
