@@ -42,7 +42,14 @@ ROUTINGS = {
     "deepseek_v3_tester": (
         8,
         8,
-        {"scoring": "sigmoid", "bias": True, "num_groups": 2, "topk_groups": 1, "group_score": "top2_sum", "scale": 2.5},
+        {
+            "scoring": "sigmoid",
+            "bias": True,
+            "num_groups": 2,
+            "topk_groups": 1,
+            "group_score": "top2_sum",
+            "scale": 2.5,
+        },
     ),
     "groups_short": (16, 6, {"num_groups": 4, "topk_groups": 1}),
     "groups_short_top2": (
