@@ -133,6 +133,14 @@ def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.T
     return elementwise_activation(name, gate) * up
 
 
+def split_gate_up(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) halves of the first projection's output [..., 2I]: concatenated, or interleaved (GPT-OSS)."""
+    if interleaved:
+        return h[..., 0::2], h[..., 1::2]
+    inter = h.shape[-1] // 2
+    return h[..., :inter], h[..., inter:]
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_size: int | None = None) -> tuple[torch.Tensor, ...]:
     flat = topk_ids.reshape(-1).long()
     slots = flat.numel()
@@ -172,12 +180,15 @@ def moe_experts(
     b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
     apply_weights_on_input: bool = False,
+    transposed: bool = False,
+    gate_up_interleaved: bool = False,
 ) -> torch.Tensor:
+    if transposed:  # x @ w instead of x @ w^T: the nn.Linear layout is the transposed view
+        w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
     dtype = compute_dtype(hidden)
     T, k = topk_ids.shape
     x = hidden.to(dtype)
     weights = topk_weights.to(dtype)
-    inter = w_down.shape[2]
     per_slot = x.new_zeros(T, k, x.shape[1])
     for e in range(w_gate_up.shape[0]):
         token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
@@ -188,7 +199,11 @@ def moe_experts(
         h = rows @ w_gate_up[e].to(dtype).T
         if b_gate_up is not None:
             h = h + b_gate_up[e].to(dtype)
-        a = gated_activation(activation, h[:, :inter], h[:, inter:]) if gated else elementwise_activation(activation, h)
+        a = (
+            gated_activation(activation, *split_gate_up(h, gate_up_interleaved))
+            if gated
+            else elementwise_activation(activation, h)
+        )
         y = a @ w_down[e].to(dtype).T
         if b_down is not None:
             y = y + b_down[e].to(dtype)
