@@ -117,9 +117,9 @@ def moe_experts(
     same backend and machine. The intermediate activation is rounded to hidden's dtype, as in nn.Linear.
 
     Gradients flow to hidden, both weights, both biases and topk_weights on every backend (one backward, built
-    from each backend's grouped GEMMs), in the layout the weights were given in. Errors name the argument: mismatched weight shapes, ids out of
-    ``[-1, E)`` (checked on CPU tensors; on GPU the check would cost a host sync, and ids outside ``[0, E)``
-    contribute nothing there), weights and ids of different shapes, float ids.
+    from each backend's grouped GEMMs), in the layout the weights were given in. Errors name the argument:
+    mismatched weight shapes, ids out of ``[-1, E)`` (checked on CPU tensors; on GPU the check would cost a host
+    sync, and ids outside ``[0, E)`` contribute nothing there), weights and ids of different shapes, float ids.
 
     Example (Mixtral)::
 
@@ -302,7 +302,8 @@ class _MoeExperts(torch.autograd.Function):
             b_gate_up, b_down, apply_weights_on_input, True, interleaved,
         )  # fmt: skip
         ctx.save_for_backward(hidden, w_gate_up, w_down, topk_weights, b_down, sorted_ids, offsets, gate_up)
-        ctx.config = (backend, activation, gated, apply_weights_on_input, b_gate_up is not None, transposed, interleaved)
+        has_b_gate_up = b_gate_up is not None
+        ctx.config = (backend, activation, gated, apply_weights_on_input, has_b_gate_up, transposed, interleaved)
         return out
 
     @staticmethod

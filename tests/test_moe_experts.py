@@ -168,7 +168,7 @@ def test_gpt_oss_layouts_on_every_backend(T, activation, transposed, interleaved
     kwargs["activation"] = activation
     if activation == "swiglu_oai":
         args[1].mul_(12)
-    f32 = lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+    f32 = lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t
     plain = reference.moe_experts(*map(f32, args), **{k: f32(v) for k, v in kwargs.items()})
     out = check(backend, *gpt_oss_layout(args, kwargs, transposed, interleaved), dtype)
     torch.testing.assert_close(out.cpu().float(), plain, **tolerance(dtype, plain))
