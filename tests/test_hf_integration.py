@@ -468,3 +468,96 @@ def test_bad_arguments():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert hf.enable(model).changed
+
+
+def test_a_router_configuration_topk_gating_rejects_is_left_on_transformers():
+    """transformers runs a NaN routed_scaling_factor (NaN weights); topk_gating refuses it: never reported patched."""
+    model = tiny_model("deepseek_v3")
+    for m in model.modules():
+        if hasattr(m, "routed_scaling_factor") and hf._router_key(m) in hf._ROUTERS:
+            m.routed_scaling_factor = float("nan")
+    with pytest.warns(UserWarning, match="topk_gating does not accept its configuration: scale"):
+        report = hf.enable(model)
+    assert not report.routers and report.experts
+    assert all("scale" in why for why in report.skipped.values()) and len(report.skipped) == moe_layers(model)
+    with torch.no_grad():
+        model(input_ids(seed=10))  # runs (on transformers' routers)
+
+
+def test_float64_routers_stay_on_transformers_experts_run_fused():
+    """topk_gating has no fused float64 backend (and transformers' softmax routers rank in float32 anyway): those
+    routers keep transformers' code; moe_experts' cpu kernel serves float64."""
+    model = tiny_model("qwen3_moe", torch.float64)
+    model.set_experts_implementation("eager")  # torch._grouped_mm (transformers' default) has no float64
+    ids = input_ids(seed=11)
+    with torch.no_grad():
+        expected = model(ids).logits
+    with pytest.warns(UserWarning, match="no fused netmerge-fast backend runs topk_gating on cpu float64"):
+        report = hf.enable(model)
+    assert not report.routers and len(report.experts) == moe_layers(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_no_fused_backend_leaves_experts_and_routers_on_transformers(monkeypatch):
+    """Where only the torch reference would serve (no extension, or a device without Triton), nothing is switched
+    to it: it is slower than transformers' own code."""
+    monkeypatch.setattr(hf, "resolve", lambda op, backend, device, dtype: "torch")
+    model = tiny_model("mixtral")
+    ids = input_ids(seed=12)
+    with torch.no_grad():
+        expected = model(ids).logits
+    with pytest.warns(UserWarning, match="auto would pick the slow 'torch' reference"):
+        report = hf.enable(model)
+    assert not report.changed and len(report.skipped) == 2 * moe_layers(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+
+
+def test_mixtral_router_jitter_in_training_mode_is_served_exactly():
+    """Mixtral's router_jitter_noise multiplies the block's input before the router, in training mode: the patched
+    router sees the same jittered input, so the same seed gives the same loss and gradients."""
+    config = CONFIGS["mixtral"]()
+    config.router_jitter_noise = 0.1
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).train()
+    randomize(model, std=0.1)
+    ids = input_ids(seed=13)
+
+    def step():
+        torch.manual_seed(1)
+        loss = model(ids, labels=ids).loss
+        grads = torch.autograd.grad(loss, [p for p in model.parameters()], allow_unused=True)
+        return loss, grads
+
+    expected = step()
+    assert hf.enable(model).routers
+    got = step()
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    for g, e in zip(got[1], expected[1], strict=True):
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_load_balancing_loss_equals_transformers(masked):
+    """Against transformers' own load_balancing_loss_func, several layers, with and without padding; and the aux
+    loss a padded batch gives inside the model."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    model = tiny_model("mixtral")
+    ids = input_ids(seed=14, batch=3)
+    mask = torch.ones_like(ids)
+    if masked:
+        mask[0, :5] = 0
+        mask[2, 9:] = 0
+    hf.enable(model)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_router_logits=True)
+    E, k = model.config.num_local_experts, model.config.num_experts_per_tok
+    logits = torch.cat(out.router_logits)
+    chosen = nf.topk_gating(logits, k)[1]
+    ours = nf.load_balancing_loss(logits, chosen, E, attention_mask=mask if masked else None)
+    theirs = load_balancing_loss_func(out.router_logits, E, k, mask if masked else None)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours, out.aux_loss, rtol=1e-6, atol=1e-6)
