@@ -387,3 +387,18 @@ def test_inference_mode(backend, dtype, T, gen):
     with torch.inference_mode():
         out = nf.moe_experts(*dev_args, **dev_kwargs, backend=backend)
     torch.testing.assert_close(out.cpu().float(), expected, **tolerance(dtype, expected))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_inference_mode_then_training_in_one_thread(backend, gen):
+    # The CPU kernel keeps scratch buffers between calls: one made under inference_mode must not be reused outside.
+    args, kwargs = make_inputs(gen, 40, 2, 4, 32, 48)
+    args, kwargs = _to(device_for(backend), args, kwargs)
+    with torch.inference_mode():
+        expected = nf.moe_experts(*args, backend=backend, **kwargs)
+    hidden = args[0].clone().requires_grad_()
+    out = nf.moe_experts(hidden, *args[1:], backend=backend, **kwargs)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    with torch.inference_mode():
+        torch.testing.assert_close(nf.moe_experts(*args, backend=backend, **kwargs), expected)
