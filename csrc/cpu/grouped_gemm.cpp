@@ -25,7 +25,7 @@ constexpr int64_t L = Vec::size();
 constexpr int64_t kMinStreamColumns = 64;
 constexpr int64_t kMinMatmulColumns = 128;
 // Rows of an expert up to which the K-major streaming kernel (cpu/stream_gemm_kmajor.h) replaces ATen's matmul.
-constexpr int64_t kKmajorMaxRows = 8;
+constexpr int64_t kKmajorMaxRows = kmajor::kMaxRows;
 
 // Rows of an expert up to which the weight-streaming kernel beats ATen's matmul (measured on Zen 4 with
 // 64..512-wide K: the matmul packs every weight panel before using it, which at few rows per expert costs as
@@ -346,9 +346,9 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
           return;
         }
         if (streamable_kmajor && rows <= kKmajorMaxRows) {
-          thread_local std::vector<float> xf;
+          thread_local std::vector<float> xf, partial;
           kmajor::stream_gemm(x_ptr + r0 * K, rows, K, w_ptr + t.expert * w.stride(0), w.stride(2), t.c0, t.c1,
-                              out_ptr + r0 * N, N, xf);
+                              out_ptr + r0 * N, N, xf, partial);
           return;
         }
       }

@@ -4,6 +4,7 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -14,8 +15,7 @@ namespace netmerge::cpu::kmajor {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t L = Vec::size();
-constexpr int64_t kTileVectors = std::max<int64_t>(1, 64 / (L * sizeof(float)));  // a cache line of floats
-constexpr int64_t kTileColumns = kTileVectors * L;
+constexpr int kMaxRows = 8;
 
 template <typename scalar_t>
 Vec load(const scalar_t* p, int64_t count) {
@@ -34,34 +34,51 @@ Vec load(const scalar_t* p, int64_t count) {
   }
 }
 
-// out[t, c .. c + cols) for TB rows (cols <= kTileColumns): per k one broadcast of x[t, k] and one FMA per vector
-// of weights, with no horizontal reduction; each line of weights is read once for the TB rows.
-template <typename scalar_t, int TB>
-void tile(const float* x, int64_t K, const scalar_t* w, int64_t ldk, int64_t cols, float* res) {
-  int64_t count[kTileVectors];
-  for (int64_t v = 0; v < kTileVectors; ++v) count[v] = std::clamp<int64_t>(cols - v * L, 0, L);
-  Vec acc[TB][kTileVectors];
-  for (int t = 0; t < TB; ++t)
-    for (int64_t v = 0; v < kTileVectors; ++v) acc[t][v] = Vec(0.f);
-  for (int64_t k = 0; k < K; ++k) {
-    const scalar_t* wk = w + k * ldk;
-    __builtin_prefetch(wk + 8 * ldk, 0, 1);  // one line per k: the hardware prefetcher alone lags behind
-    Vec wv[kTileVectors];
-    for (int64_t v = 0; v < kTileVectors; ++v) wv[v] = count[v] > 0 ? load(wk + v * L, count[v]) : Vec(0.f);
-    for (int t = 0; t < TB; ++t) {
-      const Vec xv(x[t * K + k]);
-      for (int64_t v = 0; v < kTileVectors; ++v) acc[t][v] = at::vec::fmadd(xv, wv[v], acc[t][v]);
-    }
+// res[t, :] += x[t, k0 .. k1) @ w[k0 .. k1, c0 .. c1) for TB rows, KB weight rows at a time: KB streams, each read
+// in order along its row, and per vector of columns the TB partial sums go through registers once for KB rows.
+template <typename scalar_t, int TB, int KB>
+void accumulate(const float* x, int64_t K, int64_t k0, int64_t k1, const scalar_t* w, int64_t ldk, int64_t c0,
+                int64_t c1, float* res) {
+  const int64_t width = c1 - c0, full = width / L * L;
+  for (int64_t k = k0; k + KB <= k1; k += KB) {
+    const scalar_t* rows[KB];
+    Vec xk[TB][KB];
+    for (int r = 0; r < KB; ++r) rows[r] = w + (k + r) * ldk + c0;
+    for (int t = 0; t < TB; ++t)
+      for (int r = 0; r < KB; ++r) xk[t][r] = Vec(x[t * K + k + r]);
+    const auto step = [&](int64_t c, int64_t count) {
+      Vec wv[KB];
+      for (int r = 0; r < KB; ++r) wv[r] = load(rows[r] + c, count);
+      for (int t = 0; t < TB; ++t) {
+        float* out = res + t * width + c;
+        Vec acc = count == L ? Vec::loadu(out) : Vec::loadu(out, count);
+        for (int r = 0; r < KB; ++r) acc = at::vec::fmadd(xk[t][r], wv[r], acc);
+        count == L ? acc.store(out) : acc.store(out, count);
+      }
+    };
+    for (int64_t c = 0; c < full; c += L) step(c, L);
+    if (full < width) step(full, width - full);
   }
-  for (int t = 0; t < TB; ++t)
-    for (int64_t v = 0; v < kTileVectors; ++v) acc[t][v].store(res + t * kTileColumns + v * L);
+}
+
+template <typename scalar_t, int TB>
+void rows_pass(const float* x, int64_t K, const scalar_t* w, int64_t ldk, int64_t c0, int64_t c1, scalar_t* out,
+               int64_t ldo, std::vector<float>& res) {
+  constexpr int KB = TB <= 2 ? 4 : 2;  // registers: TB x KB broadcasts of x, KB weight vectors
+  const int64_t width = c1 - c0, body = K / KB * KB;
+  res.assign(TB * width, 0.f);
+  accumulate<scalar_t, TB, KB>(x, K, 0, body, w, ldk, c0, c1, res.data());
+  accumulate<scalar_t, TB, 1>(x, K, body, K, w, ldk, c0, c1, res.data());
+  for (int t = 0; t < TB; ++t) at::vec::convert(res.data() + t * width, out + t * ldo + c0, width);
 }
 
 // Columns [c0, c1) of out[0:n] = x[0:n] @ w with w[k * ldk + c] (unit stride along the output columns), x
-// contiguous [n, K], accumulated in float: rows in groups of 4, columns in tiles of one cache line.
+// contiguous [n, K], n <= kMaxRows, accumulated in float (in k order): all rows in one pass over the weights,
+// read in storage order, a few weight rows at a time.
 template <typename scalar_t>
 void stream_gemm(const scalar_t* x, int64_t n, int64_t K, const scalar_t* w, int64_t ldk, int64_t c0, int64_t c1,
-                 scalar_t* out, int64_t ldo, std::vector<float>& xf) {
+                 scalar_t* out, int64_t ldo, std::vector<float>& xf, std::vector<float>& res) {
+  TORCH_CHECK(n <= kMaxRows, "stream_gemm_kmajor: at most ", kMaxRows, " rows");
   const float* xp;
   if constexpr (std::is_same_v<scalar_t, float>) {
     xp = x;
@@ -70,20 +87,15 @@ void stream_gemm(const scalar_t* x, int64_t n, int64_t K, const scalar_t* w, int
     at::vec::convert(x, xf.data(), n * K);
     xp = xf.data();
   }
-  alignas(64) float res[4 * kTileColumns];
-  for (int64_t c = c0; c < c1; c += kTileColumns) {
-    const int64_t cols = std::min(kTileColumns, c1 - c);
-    for (int64_t j = 0; j < n; j += 4) {
-      const int64_t tb = std::min<int64_t>(4, n - j);
-      const float* xj = xp + j * K;
-      switch (tb) {
-        case 1: tile<scalar_t, 1>(xj, K, w + c, ldk, cols, res); break;
-        case 2: tile<scalar_t, 2>(xj, K, w + c, ldk, cols, res); break;
-        case 3: tile<scalar_t, 3>(xj, K, w + c, ldk, cols, res); break;
-        default: tile<scalar_t, 4>(xj, K, w + c, ldk, cols, res); break;
-      }
-      for (int64_t t = 0; t < tb; ++t) at::vec::convert(res + t * kTileColumns, out + (j + t) * ldo + c, cols);
-    }
+  switch (n) {
+    case 1: return rows_pass<scalar_t, 1>(xp, K, w, ldk, c0, c1, out, ldo, res);
+    case 2: return rows_pass<scalar_t, 2>(xp, K, w, ldk, c0, c1, out, ldo, res);
+    case 3: return rows_pass<scalar_t, 3>(xp, K, w, ldk, c0, c1, out, ldo, res);
+    case 4: return rows_pass<scalar_t, 4>(xp, K, w, ldk, c0, c1, out, ldo, res);
+    case 5: return rows_pass<scalar_t, 5>(xp, K, w, ldk, c0, c1, out, ldo, res);
+    case 6: return rows_pass<scalar_t, 6>(xp, K, w, ldk, c0, c1, out, ldo, res);
+    case 7: return rows_pass<scalar_t, 7>(xp, K, w, ldk, c0, c1, out, ldo, res);
+    default: return rows_pass<scalar_t, 8>(xp, K, w, ldk, c0, c1, out, ldo, res);
   }
 }
 
