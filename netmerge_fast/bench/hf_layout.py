@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from netmerge_fast.bench.dispatch import cycle_calls
-from netmerge_fast.bench.hf import _COMMON, Model, build, time_interleaved
+from netmerge_fast.bench.hf import _COMMON, Model, build, have_transformers, time_interleaved
 from netmerge_fast.dispatch import moe_experts
 
 MODELS = tuple(
@@ -94,11 +94,8 @@ def run(
     compile: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        if progress:
-            progress("hf_layout: transformers is not installed; nothing to run")
+    """One row per (model, case): the time on GPT-OSS's own layout, on the converted one, and their ratio."""
+    if not have_transformers("hf_layout", progress):
         return []
     rows = []
     for spec in models:
