@@ -284,6 +284,7 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
   const bool streamable = x.scalar_type() != at::kDouble && w.stride(2) == 1;
   // K-major weights (unit stride along N: GPT-OSS's experts, and the nn.Linear ones in the backward).
   const bool streamable_kmajor = x.scalar_type() != at::kDouble && !streamable && w.stride(1) == 1;
+  const bool pack_kmajor = w.stride(2) != 1 && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
   int64_t max_stream_rows = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stream_max_rows",
                                   [&] { max_stream_rows = stream_max_rows<scalar_t>(); });
@@ -359,7 +360,11 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
         return;
 #endif
       auto dst = out.narrow(0, r0, rows).narrow(1, t.c0, t.c1 - t.c0);
-      at::mm_out(dst, x.narrow(0, r0, rows), w.select(0, t.expert).narrow(0, t.c0, t.c1 - t.c0).t());
+      auto w_tile = w.select(0, t.expert).narrow(0, t.c0, t.c1 - t.c0);
+      // ATen's float16/bfloat16 CPU matmul is fast only on weights in the nn.Linear layout (about 6x slower on
+      // K-major ones, measured on Zen 3): pack a K-major tile so first, a copy the GEMM's rows amortise.
+      if (pack_kmajor) w_tile = w_tile.contiguous();
+      at::mm_out(dst, x.narrow(0, r0, rows), w_tile.t());
     }, flops, weight_bytes);
   });
 }
