@@ -562,3 +562,73 @@ def test_demo_expert_merging_quick_cli(tmp_path, capsys):
             assert len(run["merges"]) == merges
             assert all(c not in (a, b) for a, b, c in run["merges"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------- MixtureLayer (Deep MoE)
+
+
+def _mixture():
+    return pytest.importorskip("netmerge_fast.nn.mixture", reason="MixtureLayer (issue 10) is not on this branch")
+
+
+def test_mixture_layer_layout_and_exact_merge():
+    mixture = _mixture()
+    layer = mixture.MixtureLayer(6, 5, num_experts=4, gate_hidden=7, top_k=2)
+    assert expert_layout(layer) == ExpertLayout(4, ("expert_weight", "expert_bias"), ("gate.2.weight", "gate.2.bias"))
+    with torch.no_grad():
+        for k, (_, tensor) in enumerate(sorted(layer.named_parameters())):
+            tensor.copy_(torch.arange(tensor.numel(), dtype=torch.float32).view_as(tensor) * 0.5 + 10 * k)
+    before = {n: t.detach().clone() for n, t in layer.named_parameters()}
+    totals = layer.balance_totals.clone()
+    record = merge_most_used_experts(layer, _tracker([4.0, 1.0, 12.0, 0.0]), weighting="usage")  # a=2, b=0, c=3
+    assert (record.merged, record.into, record.weights) == ((2, 0), 3, (0.75, 0.25))
+    after = dict(layer.named_parameters())
+    for name, old in before.items():
+        expected = old.clone()
+        if name in ("expert_weight", "expert_bias"):
+            expected[3] = 0.75 * old[2] + 0.25 * old[0]
+        elif name in ("gate.2.weight", "gate.2.bias"):
+            expected[3] = (old[2] + old[0]) / 2
+        assert torch.equal(after[name].detach(), expected), name  # the gate's hidden layer is untouched
+    assert torch.equal(layer.balance_totals, totals)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_mixture_layer_attach_and_train_after_a_merge(gen, top_k):
+    mixture = _mixture()
+    torch.manual_seed(3)
+    layer = mixture.MixtureLayer(6, 5, num_experts=4, gate_hidden=7, top_k=top_k)
+    tracker = ExpertUsageTracker(4).attach(layer)
+    x = torch.randn(12, 6, generator=gen)
+    layer(x)
+    if top_k is None:
+        assert layer.topk_ids is None
+        expected = layer.gate_probs.detach().double().sum(0)
+    else:
+        expected = _bincount(layer.topk_ids, 4)
+    torch.testing.assert_close(tracker.counts, expected)
+    layer.eval()(x)
+    torch.testing.assert_close(tracker.counts, expected)
+    layer.train()
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    record = merge_most_used_experts(layer, tracker, optimizer=optimizer)
+    for tensor in (layer.expert_weight, layer.expert_bias, layer.gate[2].weight, layer.gate[2].bias):
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert not optimizer.state[tensor][moment][record.into].any()
+    layer(x).square().sum().backward()
+    optimizer.step()
+
+
+def test_deep_moe_one_tracker_per_layer(gen):
+    mixture = _mixture()
+    model = mixture.DeepMoE(6, [(4, 5), (3, 5)], num_classes=2, gate_hidden=7)
+    trackers = [ExpertUsageTracker(layer.num_experts).attach(layer) for layer in model.layers]
+    model(torch.randn(8, 6, generator=gen))
+    for layer, tracker in zip(model.layers, trackers, strict=True):
+        torch.testing.assert_close(tracker.counts, layer.gate_probs.detach().double().sum(0))
+    record = merge_most_used_experts(model.layers[1], trackers[1])
+    assert record.into not in record.merged
+    with pytest.raises(TypeError, match="SparseMoE or a MixtureLayer"):
+        merge_most_used_experts(model, trackers[0])
