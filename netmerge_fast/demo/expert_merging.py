@@ -306,12 +306,10 @@ def format_paired(table: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, table: dict, seconds: float, cpu_seconds: float) -> None:
-    from netmerge_fast.bench import machine_info
-
+def write_json(path: str, table: dict, machine: dict, seconds: float, cpu_seconds: float) -> None:
     timing = {"seconds": seconds, "cpu_seconds": cpu_seconds}
     with open(path, "w") as f:
-        json.dump({"machine": machine_info("cpu"), **timing, "variants": table}, f, indent=2)
+        json.dump({"machine": machine, **timing, "variants": table}, f, indent=2)
 
 
 def plot(path: str, table: dict) -> None:
@@ -346,12 +344,15 @@ def plot(path: str, table: dict) -> None:
 
 def cli(args) -> int:
     """``netmerge-fast demo expert-merging [--seeds N] [--quick] [--json PATH] [--plot PATH]``."""
+    from netmerge_fast.bench import machine_info
+
     seeds = args.seeds or 3
     threads = torch.get_num_threads()
     # The model is tiny: on a CPU one thread beats paying for thread sync on every small op.
     torch.set_num_threads(1)
     start, cpu = time.perf_counter(), time.process_time()
     try:
+        machine = machine_info("cpu")
         table = run(seeds, quick=args.quick, progress=lambda m: print(f"  ... {m}", file=sys.stderr, flush=True))
     finally:
         torch.set_num_threads(threads)
@@ -361,7 +362,7 @@ def cli(args) -> int:
     print(format_table(table), flush=True)
     print(f"\n# paired by seed, in points\n{format_paired(table)}", flush=True)
     if args.json:
-        write_json(args.json, table, seconds, cpu_seconds)
+        write_json(args.json, table, machine, seconds, cpu_seconds)
         print(f"\nwrote {args.json}")
     if args.plot:
         plot(args.plot, table)

@@ -110,7 +110,7 @@ class ExpertUsageTracker:
         else:
             self._follow(routing, "topk_ids")
             if routing.device.type == "cpu" and routing.numel():
-                low, high = routing.min().item(), routing.max().item()
+                low, high = (v.item() for v in torch.aminmax(routing))
                 if low < -1 or high >= self.num_experts:
                     raise ValueError(
                         f"topk_ids must be in [-1, num_experts={self.num_experts}), got values in [{low}, {high}]"
@@ -152,7 +152,7 @@ class ExpertUsageTracker:
         """
         if not isinstance(layer, nn.Module):
             raise TypeError(f"layer must be an nn.Module, got {type(layer).__name__}")
-        self._source = _checks.choice("source", source, ROUTING_SOURCES)
+        _checks.choice("source", source, ROUTING_SOURCES)
         if self._handle is not None:
             raise RuntimeError("the tracker is already attached to a layer; call detach() first")
         wanted = ("topk_ids", "gate_probs") if source == "auto" else (source,)
@@ -166,6 +166,7 @@ class ExpertUsageTracker:
         parameter = next(layer.parameters(), None)
         if parameter is not None:
             self._follow(parameter, "layer")
+        self._source = source
         self._handle = layer.register_forward_hook(self._hook)
         return self
 
