@@ -81,13 +81,18 @@ class _AllToAll(torch.autograd.Function):
 
     With ``pending`` (a list) the forward returns at once and appends the transfer's handle; the caller waits
     on it before reading the result, and can compute meanwhile. The backward waits for its own transfer.
+    ``zero_row=1`` appends a row of zeros to the result (the row that slots routed nowhere read).
     """
 
     @staticmethod
-    def forward(ctx, rows, out_splits, in_splits, group, pending):
+    def forward(ctx, rows, out_splits, in_splits, group, pending, zero_row):
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = rows.new_empty((sum(out_splits), *rows.shape[1:]))
-        work = dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group, async_op=True)
+        received = sum(out_splits)
+        out = rows.new_empty((received + zero_row, *rows.shape[1:]))
+        out[received:].zero_()
+        work = dist.all_to_all_single(
+            out[:received], rows.contiguous(), out_splits, in_splits, group=group, async_op=True
+        )  # fmt: skip
         if pending is None:
             work.wait()
         else:
@@ -98,8 +103,9 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
         grad_rows = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(grad_rows, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad_rows, None, None, None, None
+        grad = grad[: sum(out_splits)].contiguous()
+        dist.all_to_all_single(grad_rows, grad, in_splits, out_splits, group=ctx.group)
+        return grad_rows, None, None, None, None, None
 
 
 class ExpertParallelCall:
@@ -113,7 +119,9 @@ class ExpertParallelCall:
     - ``finish()``: run the local experts on the received rows, send the results back, and combine them with
       the routing weights in slot order.
 
-    Arguments as ``expert_parallel_experts``, checked there.
+    Arguments as ``expert_parallel_experts`` (``group`` as ``resolve_group`` returns it, ``config`` is
+    ``(activation, gated, b_gate_up, b_down)``), checked by the caller (``ExpertParallelMoE`` owns its weights,
+    and its router's ids are valid by construction); the local ``moe_experts`` checks its own inputs again.
     """
 
     def __init__(self, hidden, w_gate_up, w_down, topk_weights, topk_ids, group, config, backend) -> None:
@@ -147,7 +155,7 @@ class ExpertParallelCall:
         self.num_received = sum(self.received_per_rank)
         self.pending: list = []
         self.received = _AllToAll.apply(
-            self.rows[: self.num_sent], self.received_per_rank, self.sent_per_rank, self.group, self.pending
+            self.rows[: self.num_sent], self.received_per_rank, self.sent_per_rank, self.group, self.pending, 0
         )
         return ExpertParallelStats(
             self.rank,
@@ -163,7 +171,7 @@ class ExpertParallelCall:
         activation, gated, b_gate_up, b_down = self.config
         # Received rows come grouped by source rank, then by local expert within each source.
         local_ids = torch.repeat_interleave(
-            torch.arange(El, device=hidden.device).repeat(self.world_size),
+            torch.arange(El, dtype=torch.int32, device=hidden.device).repeat(self.world_size),
             self.recv_counts,
             output_size=self.num_received,
         )
@@ -180,21 +188,25 @@ class ExpertParallelCall:
             b_down=b_down,
             backend=self.backend,
         )
-        returned = _AllToAll.apply(expert_out, self.sent_per_rank, self.received_per_rank, self.group, None)
+        returned = _AllToAll.apply(expert_out, self.sent_per_rank, self.received_per_rank, self.group, None, 1)
+        # Each slot reads its result where its row was sent from; slots routed nowhere read the zero row.
         T, k = self.topk_weights.shape
-        per_slot = returned.new_zeros(T * k, hidden.shape[1])
-        per_slot = per_slot.index_copy(0, self.sorted_slots[: self.num_sent], returned)
-        return _combine(per_slot.view(T, k, hidden.shape[1]), self.topk_weights, hidden.dtype)
+        sorted_position = torch.empty_like(self.sorted_slots).scatter_(
+            0, self.sorted_slots, torch.arange(T * k, device=hidden.device)
+        )
+        rows = sorted_position.clamp_(max=self.num_sent).view(T, k)
+        return _combine(returned, rows, self.topk_weights, hidden.dtype)
 
 
-def _combine(per_slot: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``sum_j weights[:, j] * per_slot[:, j]`` accumulated in slot order with one fused multiply-add per slot, in
-    float32 (float64 for float64): the order and rounding of the single-process kernel's combine."""
-    acc_dtype = reference.compute_dtype(per_slot)
+def _combine(results: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out[t] = sum_j weights[t, j] * results[rows[t, j]]``, accumulated in slot order with one fused
+    multiply-add per slot in float32 (float64 for float64): the order and rounding of the cpu moe_experts
+    kernel's own combine."""
+    acc_dtype = reference.compute_dtype(results)
     weights = weights.to(acc_dtype)
-    acc = per_slot[:, 0].to(acc_dtype) * weights[:, :1]
+    acc = results[rows[:, 0]].to(acc_dtype) * weights[:, :1]
     for j in range(1, weights.shape[1]):
-        acc = torch.addcmul(acc, per_slot[:, j].to(acc_dtype), weights[:, j : j + 1])
+        acc = torch.addcmul(acc, results[rows[:, j]].to(acc_dtype), weights[:, j : j + 1])
     return acc.to(dtype)
 
 
