@@ -296,3 +296,19 @@ def test_needs_an_initialised_process_group():
         ExpertParallelMoE(SparseMoE(H, INTER, E, 2))
     with pytest.raises(TypeError, match=r"moe must be a netmerge_fast\.nn\.SparseMoE"):
         ExpertParallelMoE(torch.nn.Linear(2, 2))
+
+
+def test_bench_ep_quick_writes_json(tmp_path, capsys):
+    import json
+
+    from netmerge_fast import cli
+
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "ep", "--quick", "--json", str(out)]) == 0
+    assert "## ep" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["suites"]["ep"]
+    assert [row["world"] for row in rows] == [1, 2]
+    assert rows[0]["tokens/s vs world 1"] == 1.0
+    for row in rows:
+        assert row["EP ms"] > 0 and row["comm ms"] > 0 and 0 < row["comm share"] and row["replicated ms"] > 0
+        assert row["expert MB/rank"] == rows[0]["expert MB/rank"] / row["world"]

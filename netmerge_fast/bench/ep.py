@@ -52,7 +52,7 @@ COLUMNS = (
 SHAPE = Shape("qwen3 E128 k8 /4", 128, 8, 2048 // 4, 768 // 4)
 WORLDS = (1, 2, 4)
 TOKENS = 512
-QUICK = {"worlds": (1, 2), "tokens": 64, "shape": Shape("tiny E32 k4", 32, 4, 64, 32), "calls": 3, "repeats": 3}
+QUICK = {"worlds": (1, 2), "tokens": 64, "shape": Shape("tiny E32 k4", 32, 4, 64, 32), "calls": 2, "repeats": 3}
 
 
 def _lockstep(fn: Callable[[], Any], device: torch.device, calls: int, repeats: int) -> float:
