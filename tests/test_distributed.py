@@ -310,5 +310,5 @@ def test_bench_ep_quick_writes_json(tmp_path, capsys):
     assert [row["world"] for row in rows] == [1, 2]
     assert rows[0]["tokens/s vs world 1"] == 1.0
     for row in rows:
-        assert row["EP ms"] > 0 and row["comm ms"] > 0 and 0 < row["comm share"] and row["replicated ms"] > 0
+        assert row["EP ms"] > 0 and row["comm ms"] > 0 and row["comm share"] > 0 and row["replicated ms"] > 0
         assert row["expert MB/rank"] == rows[0]["expert MB/rank"] / row["world"]

@@ -68,8 +68,8 @@ class ExpertParallelStats:
         return sum(self.received_per_rank)
 
     def gather(self, group: dist.ProcessGroup | None = None) -> list[ExpertParallelStats]:
-        """Every rank's stats, on every rank: one ``all_gather_object`` (a collective: call it on all ranks of
-        the group, e.g. at a logging interval, not every step)."""
+        """Every rank's stats, on every rank: one ``all_gather_object`` over ``group`` (pass the layer's group; a
+        collective: call it on all its ranks, e.g. at a logging interval, not every step)."""
         group, _, world = resolve_group(group)
         stats: list[ExpertParallelStats | None] = [None] * world
         dist.all_gather_object(stats, self, group=group)

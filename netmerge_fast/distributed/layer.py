@@ -23,8 +23,10 @@ class ExpertParallelMoE(nn.Module):
 
     The forward of each rank equals ``SparseMoE`` on that rank's tokens with all experts in one process (see the
     README, "Scaling out", for where it is bit-identical). Every rank of the group must call it, each with its own
-    batch (sizes may differ, 0 included). State dict keys are ``SparseMoE``'s, with ``experts.*`` holding this
-    rank's slice: ``shard_state_dict`` / ``gather_state_dict`` convert from and to a full checkpoint.
+    batch (sizes may differ, 0 included), and, when training, run its backward with the same inputs requiring
+    gradients (the backward exchanges gradients with the other ranks). State dict keys are ``SparseMoE``'s, with
+    ``experts.*`` holding this rank's slice: ``shard_state_dict`` / ``gather_state_dict`` convert from and to a
+    full checkpoint.
 
     Args:
         moe: the full layer. Its router, bias buffer and shared expert modules are taken over (shared, not
