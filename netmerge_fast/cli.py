@@ -73,7 +73,9 @@ def _backends(_args: argparse.Namespace) -> int:
 
 # Reproduction name -> module in netmerge_fast.demo exposing cli(args) -> exit code; they share the demo's flags
 # (--seeds, --quick, --json, --plot). Without a name, `demo` runs the Kang et al. table.
-DEMOS: dict[str, str] = {}
+DEMOS: dict[str, str] = {
+    "deep-moe": "netmerge_fast.demo.deep_moe",  # Eigen, Ranzato & Sutskever (2013) on jittered MNIST
+}
 
 
 def _demo(args: argparse.Namespace) -> int:
