@@ -281,6 +281,8 @@ def plot(path: str, model: DeepMoE, budget: Budget) -> None:
         image = axes[0, i].imshow(where[..., i].numpy(), vmin=0, vmax=1, cmap="viridis")
         axes[0, i].set_title(f"layer 1, expert {i}")
         axes[0, i].set_xlabel("x offset")
+        axes[0, i].set_xticks(range(0, SHIFTS, 2))
+        axes[0, i].set_yticks(range(0, SHIFTS, 2))
     axes[0, 0].set_ylabel("y offset")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="mean gate value")
     for j in range(e2):

@@ -74,7 +74,7 @@ class MixtureLayer(nn.Module):
 
     Example (the paper's first layer on jittered MNIST)::
 
-        layer = MixtureLayer(36 * 36, 100, num_experts=4, balance_margin=200.0)
+        layer = MixtureLayer(36 * 36, 100, num_experts=4, balance_margin=100.0)
         z = layer(images)            # [B, 1, 36, 36] -> [B, 100]
         layer.gate_probs.argmax(1)   # which expert each input went to
     """
@@ -221,7 +221,7 @@ class DeepMoE(nn.Module):
 
     Example (the paper's jittered-MNIST model)::
 
-        model = DeepMoE(36 * 36, [(4, 100), (4, 100)], 10, balance_margin=200.0)
+        model = DeepMoE(36 * 36, [(4, 100), (4, 100)], 10, balance_margin=100.0)
         logits = model(images)       # [B, 1, 36, 36] -> [B, 10]
         where, what = (g.argmax(1) for g in model.gate_probs)
     """
