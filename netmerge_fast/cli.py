@@ -76,6 +76,7 @@ def _backends(_args: argparse.Namespace) -> int:
 # Reproduction name -> module in netmerge_fast.demo exposing cli(args) -> exit code; they share the demo's flags
 # (--seeds, --quick, --json, --plot). Without a name, `demo` runs the Kang et al. table.
 DEMOS: dict[str, str] = {
+    "deep-moe": "netmerge_fast.demo.deep_moe",  # Eigen, Ranzato & Sutskever (2013) on jittered MNIST
     "expert-merging": "netmerge_fast.demo.expert_merging",  # Park (2024): usage-driven expert merging
 }
 
