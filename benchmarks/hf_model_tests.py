@@ -1,19 +1,19 @@
 """Run transformers' own model tests for the MoE families of ``netmerge_fast.integrations.hf``, once as they are
 and once with every model they build passed through ``hf.enable``, and compare test by test.
 
-    python benchmarks/hf_model_tests.py /path/to/transformers            # a source checkout or unpacked sdist
+    python benchmarks/hf_model_tests.py /path/to/transformers            # a source checkout of transformers
     python benchmarks/hf_model_tests.py /path/to/transformers --families mixtral gpt_oss --out results/
 
 The checkout must hold ``tests/models/<family>/test_modeling_<family>.py`` and the common test modules they import
-(``tests/test_modeling_common.py``, ``tests/causal_lm_tester.py``, ``tests/generation/``, ...), at the version of the
-installed transformers. Nothing is downloaded (``HF_HUB_OFFLINE=1``); the tests need ``pytest-timeout`` and
-``parameterized`` besides ``netmerge-fast[test,hf]``. Each run is one ``pytest`` process, one after another, under
-``nice``, without transformers' ``conftest.py`` (it would import transformers from the checkout's ``src``), with
-its defaults otherwise: tests marked slow skip (``RUN_SLOW`` unset), no ``-x``; pipeline, tensor/expert-parallel
-and FSDP tests are switched off (see ``NOT_RUN``). The counting and enabling is done by
-``hf_model_tests_plugin.py``. Writes ``<family>_<mode>.{log,xml}``, ``<family>_enabled_stats.json`` and
-``summary.json`` under ``--out``; prints the per-family table and every test that passes as is but not enabled
-(exit status 1 if there is one).
+(``tests/test_modeling_common.py``, ``tests/causal_lm_tester.py``, ``tests/generation/``, ...; the PyPI sdist has
+only the top-level ones), at the version of the installed transformers. Nothing is downloaded
+(``HF_HUB_OFFLINE=1``); the tests need ``pytest-timeout`` and ``parameterized`` besides ``netmerge-fast[test,hf]``.
+Each run is one ``pytest`` process, one after another, under ``nice``, without transformers' ``conftest.py`` (it
+would import transformers from the checkout's ``src``), with its defaults otherwise: tests marked slow skip
+(``RUN_SLOW`` unset), no ``-x``; pipeline, tensor/expert-parallel and FSDP tests are switched off (see
+``NOT_RUN``). ``hf_model_tests_plugin.py`` does the enabling and counting, and records each test's outcome
+(subtests included). Writes ``<family>_<mode>.{log,json}`` and ``summary.json`` under ``--out``; prints the
+per-family table and every test that passes as is but not enabled (exit status 1 if there is one).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
@@ -48,32 +47,17 @@ def run_pytest(root: Path, family: str, mode: str, out: Path, timeout: int, extr
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
     env.pop("RUN_SLOW", None)
     env.pop("NETMERGE_HF_ENABLE", None)
+    env["NETMERGE_HF_RESULTS"] = str(out / f"{family}_{mode}.json")
     if mode == "enabled":
-        env.update(NETMERGE_HF_ENABLE="1", NETMERGE_HF_STATS=str(out / f"{family}_enabled_stats.json"))
+        env["NETMERGE_HF_ENABLE"] = "1"
     command = [
         "nice", "-n", "10", sys.executable, "-m", "pytest", str(test_file(root, family)),
         "--noconftest", "-c", os.devnull, "--rootdir", str(root), "-p", "hf_model_tests_plugin",
         "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestUnknownMarkWarning",
-        f"--timeout={timeout}", "-q", "-rfE", f"--junitxml={out / f'{family}_{mode}.xml'}", *extra,
+        f"--timeout={timeout}", "-q", "-rfE", *extra,
     ]  # fmt: skip
     with open(out / f"{family}_{mode}.log", "w") as log:
         subprocess.run(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-
-
-def outcomes(xml_path: Path) -> dict[str, str]:
-    """Test id -> passed / failed / skipped from pytest's JUnit XML (a test whose subtests fail counts as failed)."""
-    result: dict[str, str] = {}
-    for case in ET.parse(xml_path).iter("testcase"):
-        test = f"{case.get('classname')}::{case.get('name')}"
-        if case.find("failure") is not None or case.find("error") is not None:
-            outcome = "failed"
-        elif case.find("skipped") is not None:
-            outcome = "skipped"
-        else:
-            outcome = "passed"
-        if result.get(test) != "failed":
-            result[test] = "failed" if outcome == "failed" else result.get(test, outcome)
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,20 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     summary, regressions = {}, {}
     for family in args.families:
         for mode in MODES:
-            if not (args.reuse and (args.out / f"{family}_{mode}.xml").is_file()):
+            if not (args.reuse and (args.out / f"{family}_{mode}.json").is_file()):
                 print(f"running {family} {mode} ...", flush=True)
                 run_pytest(root, family, mode, args.out.resolve(), args.timeout, extra)
-        plain, enabled = (outcomes(args.out / f"{family}_{mode}.xml") for mode in MODES)
-        stats = json.loads((args.out / f"{family}_enabled_stats.json").read_text())
-        summary[family] = {
-            mode: {k: sum(v == k for v in res.values()) for k in ("passed", "failed", "skipped")} | {"run": len(res)}
-            for mode, res in zip(MODES, (plain, enabled), strict=True)
-        }
-        summary[family]["netmerge"] = stats["totals"]
-        summary[family]["skipped_modules"] = stats["skipped"]
-        summary[family]["failed_in_both"] = sorted(t for t, o in plain.items() if o == "failed" == enabled.get(t))
+        results = {mode: json.loads((args.out / f"{family}_{mode}.json").read_text()) for mode in MODES}
+        plain, enabled = ({t: r["outcome"] for t, r in results[mode]["tests"].items()} for mode in MODES)
         regressions[family] = sorted(t for t, o in plain.items() if o == "passed" and enabled.get(t) != "passed")
-        summary[family]["passed_plain_only"] = regressions[family]
+        summary[family] = {mode: results[mode]["summary"] for mode in MODES} | {
+            "skipped_modules": results["enabled"]["skipped_modules"],
+            "failed_in_both": sorted(t for t, o in plain.items() if o == "failed" == enabled.get(t)),
+            "passed_plain_only": regressions[family],
+        }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print_table(summary)
     return 1 if any(regressions.values()) else 0
@@ -113,10 +94,10 @@ def print_table(summary: dict) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for family, s in summary.items():
         for mode in MODES:
-            m, calls = s[mode], s["netmerge"] if mode == "enabled" else {}
+            m = s[mode]
             print(
-                f"| {family} | {mode} | {m['run']} | {m['passed']} | {m['failed']} | {m['skipped']} "
-                f"| {calls.get('router_calls', '-')} | {calls.get('experts_calls', '-')} |"
+                f"| {family} | {mode} | {m['tests_run']} | {m.get('passed', 0)} | {m.get('failed', 0)} "
+                f"| {m.get('skipped', 0)} | {m.get('router_calls', '-')} | {m.get('experts_calls', '-')} |"
             )
     for family, s in summary.items():
         for test in s["failed_in_both"]:

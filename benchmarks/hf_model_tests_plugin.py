@@ -1,6 +1,7 @@
 """pytest plugin of ``benchmarks/hf_model_tests.py``: with ``NETMERGE_HF_ENABLE=1``, every model transformers' own
 tests build is passed through ``netmerge_fast.integrations.hf.enable``, and the router and experts calls that run
-through netmerge-fast are counted per test (written to ``NETMERGE_HF_STATS`` as JSON at the end of the session).
+through netmerge-fast are counted per test; in both modes each test's outcome is written, with those counts, to
+``NETMERGE_HF_RESULTS`` as JSON at the end of the session.
 
 A model is enabled once, at the top level: at the end of its ``post_init`` (the last step of every transformers
 model's ``__init__``, so ``Model(config)`` and ``from_config`` are covered; submodels built inside another model's
@@ -24,19 +25,23 @@ import torch
 COUNTS = ("enabled_models", "routers_patched", "experts_patched", "router_calls", "experts_calls")
 
 
-class NetmergeCounter:
-    """Installs the patches and keeps, per test, its outcome and the counts of ``COUNTS``."""
+class OutcomeRecorder:
+    """Keeps each test's outcome (``failed`` if any phase or subtest failed, ``skipped`` if the test itself skipped,
+    else ``passed``: a skipped subtest does not skip its test) and, with ``NETMERGE_HF_ENABLE=1``, installs the
+    patches and keeps the counts of ``COUNTS`` per test; written as JSON to ``NETMERGE_HF_RESULTS``."""
 
-    def __init__(self):
-        from transformers import PreTrainedModel
-
-        from netmerge_fast.integrations import hf
-
-        self.hf = hf
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
         self.current = collections.Counter()
         self.skip_reasons = collections.Counter()
         self.tests = {}
-        self._patch(PreTrainedModel)
+        if enabled:
+            from transformers import PreTrainedModel
+
+            from netmerge_fast.integrations import hf
+
+            self.hf = hf
+            self._patch(PreTrainedModel)
 
     def _patch(self, base) -> None:
         hf, counter = self.hf, self
@@ -87,21 +92,28 @@ class NetmergeCounter:
         self.current.clear()
 
     def pytest_runtest_logreport(self, report):
-        if report.when == "call" or report.outcome != "passed":
-            entry = self.tests.setdefault(report.nodeid, {})
-            entry.update({k: self.current[k] for k in COUNTS}, outcome=report.outcome)
+        entry = self.tests.setdefault(report.nodeid, {"outcome": "passed"})
+        if report.failed:
+            entry["outcome"] = "failed"
+        # a subtest's skip (pytest's SubtestReport, or pytest-subtests' before pytest 9) leaves its test running
+        elif report.skipped and type(report).__name__ != "SubtestReport" and entry["outcome"] != "failed":
+            entry["outcome"] = "skipped"
+        entry.update({k: self.current[k] for k in COUNTS})
+
+    def summary(self) -> dict:
+        totals = {k: sum(t[k] for t in self.tests.values()) for k in COUNTS}
+        outcomes = collections.Counter(t["outcome"] for t in self.tests.values())
+        return {"tests_run": len(self.tests), **outcomes, **(totals if self.enabled else {})}
 
     def pytest_sessionfinish(self, session):
-        path = os.environ.get("NETMERGE_HF_STATS")
-        if not path:
-            return
-        totals = {k: sum(t[k] for t in self.tests.values()) for k in COUNTS}
-        with open(path, "w") as f:
-            json.dump({"totals": totals, "skipped": dict(self.skip_reasons), "tests": self.tests}, f, indent=1)
+        path = os.environ.get("NETMERGE_HF_RESULTS")
+        if path:
+            with open(path, "w") as f:
+                results = {"summary": self.summary(), "skipped_modules": dict(self.skip_reasons), "tests": self.tests}
+                json.dump(results, f, indent=1)
 
     def pytest_terminal_summary(self, terminalreporter):
-        totals = {k: sum(t[k] for t in self.tests.values()) for k in COUNTS}
-        terminalreporter.write_line(f"netmerge-fast: {totals}")
+        terminalreporter.write_line(f"netmerge-fast: {self.summary()}")
         for why, n in self.skip_reasons.most_common():
             terminalreporter.write_line(f"netmerge-fast left a module on transformers' code x{n}: {why}")
 
@@ -120,5 +132,4 @@ def _inside_another_model_init(model, base) -> bool:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
-    if os.environ.get("NETMERGE_HF_ENABLE") == "1":
-        config.pluginmanager.register(NetmergeCounter(), "netmerge_hf_counter")
+    config.pluginmanager.register(OutcomeRecorder(os.environ.get("NETMERGE_HF_ENABLE") == "1"), "netmerge_hf_recorder")
