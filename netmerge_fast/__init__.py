@@ -4,6 +4,7 @@ Every op takes ``backend="auto"``; ``backends()`` tells which backends this mach
 """
 
 from netmerge_fast._backends import BackendStatus, backends
+from netmerge_fast.capacity import apply_capacity, expert_capacity
 from netmerge_fast.combine import combine_logits, logit_statistics
 from netmerge_fast.dispatch import moe_align, moe_experts
 from netmerge_fast.routing import expert_counts, load_balancing_loss, router_z_loss, topk_gating
@@ -12,8 +13,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "apply_capacity",
     "backends",
     "combine_logits",
+    "expert_capacity",
     "expert_counts",
     "load_balancing_loss",
     "logit_statistics",

@@ -26,6 +26,7 @@ SUITES = {
     "layer": "netmerge_fast.bench.layer",
     "combine": "netmerge_fast.bench.combine",
     "hf": "netmerge_fast.bench.hf",
+    "capacity": "netmerge_fast.bench.capacity",
 }
 # combine is left out of the default: its reference and per-row baselines take minutes.
 DEFAULT_SUITES = ("topk", "dispatch", "layer")
