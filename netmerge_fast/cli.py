@@ -74,7 +74,7 @@ def _backends(_args: argparse.Namespace) -> int:
 
 # Reproduction name -> module in netmerge_fast.demo exposing cli(args) -> exit code; they share the demo's flags
 # (--seeds, --quick, --json, --plot). Without a name, `demo` runs the Kang et al. table.
-DEMOS: dict[str, str] = {}
+DEMOS: dict[str, str] = {"load-balance": "netmerge_fast.demo.load_balance"}
 
 
 def _demo(args: argparse.Namespace) -> int:

