@@ -18,8 +18,8 @@ TORCH_LIBRARY(netmerge, m) {
       "bool save_gate_up) -> "
       "(Tensor out, Tensor sorted_token_ids, Tensor expert_offsets, Tensor gate_up)");
   m.def(
-      "apply_capacity(Tensor topk_ids, Tensor? priority, int num_experts, int capacity, str order) -> "
-      "(Tensor ids, Tensor dropped)");
+      "apply_capacity(Tensor topk_ids, Tensor? priority, int num_experts, int capacity, str order, "
+      "int group_size) -> (Tensor ids, Tensor dropped)");
   m.def("grouped_mm(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor");
   m.def("grouped_mm_weight_grad(Tensor a, Tensor b, Tensor expert_offsets) -> Tensor");
   // logits: one packed [B, sum C] tensor, or one [B, C_i] tensor per expert.

@@ -35,6 +35,7 @@ def apply_capacity(
     backend: str = "auto",
     *,
     priority: torch.Tensor | None = None,
+    group_size: int | None = None,
     return_dropped: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep at most ``capacity`` slots per expert; the others are routed nowhere (id -1, weight 0).
@@ -48,6 +49,10 @@ def apply_capacity(
       priorities to the lower slot. The priority defaults to ``topk_weights``; ``topk_gating(..., capacity=)``
       passes the router probability of each slot. Priorities are compared in float32, NaN as -inf.
 
+    With ``group_size``, the tokens form consecutive groups of ``group_size`` rows (the last may be shorter) and
+    the capacity holds in each group on its own: Switch Transformers' per-sequence capacity is
+    ``group_size=sequence_length`` on ``[batch * sequence, k]``, GShard's groups likewise.
+
     The weights are not renormalised after dropping (as Switch and GShard). Slots that already had an id outside
     ``[0, E)`` (-1: routed nowhere) are left as they are and do not count. Deterministic, the same answer on
     every backend, no host synchronisation on GPU.
@@ -60,7 +65,8 @@ def apply_capacity(
         order: ``"token"`` or ``"score"``.
         backend: ``"auto"``, ``"triton"`` (CUDA; CPU under TRITON_INTERPRET=1), ``"cpu"`` or ``"torch"``.
         priority: ``[T, k]`` floating, for ``order="score"`` only (default: ``topk_weights``).
-        return_dropped: also return the number of slots each expert dropped.
+        group_size: tokens per capacity group, ``>= 1`` (``None``: all T tokens are one group).
+        return_dropped: also return the number of slots each expert dropped (summed over the groups).
 
     Returns:
         ``(ids, weights)`` with the dtypes of the inputs (dropped slots: id -1, weight 0), plus
@@ -77,19 +83,23 @@ def apply_capacity(
         out = moe_experts(hidden, w_gate_up, w_down, weights, ids)    # dropped tokens get 0
     """
     _validate(topk_ids, topk_weights, num_experts, capacity, order, priority)
+    if group_size is not None:
+        _checks.integer("group_size", group_size, low=1)
     _checks.boolean("return_dropped", return_dropped)
     if order == "score" and priority is None:
         priority = topk_weights
     chosen = resolve("apply_capacity", backend, topk_ids.device, topk_weights.dtype)
     if chosen == "torch":
         ids, weights, dropped = reference.apply_capacity(
-            topk_ids, topk_weights, num_experts, capacity, order, priority.detach() if priority is not None else None
-        )
+            topk_ids, topk_weights, num_experts, capacity, order, priority.detach() if priority is not None else None,
+            group_size,
+        )  # fmt: skip
     else:
-        # Capacities past the slot count keep everything; clamping keeps them in the kernels' int64.
+        # Capacities and groups past the sizes change nothing; clamping keeps them in the kernels' int64.
         capacity = min(capacity, topk_ids.numel())
+        group_size = max(1, min(group_size or topk_ids.shape[0], topk_ids.shape[0]))
         ids, dropped = _kernel(chosen)(
-            topk_ids, priority.detach() if priority is not None else None, num_experts, capacity, order
+            topk_ids, priority.detach() if priority is not None else None, num_experts, capacity, order, group_size
         )
         weights = topk_weights.masked_fill(ids != topk_ids, 0)
     return (ids, weights, dropped) if return_dropped else (ids, weights)
@@ -137,7 +147,7 @@ def _kernel(backend: str):
 if native_status().available:
 
     @torch.library.register_fake("netmerge::apply_capacity")
-    def _apply_capacity_fake(topk_ids, priority, num_experts, capacity, order):
+    def _apply_capacity_fake(topk_ids, priority, num_experts, capacity, order, group_size):
         return torch.empty_like(topk_ids, memory_format=torch.contiguous_format), topk_ids.new_empty(
             (num_experts,), dtype=torch.int64
         )

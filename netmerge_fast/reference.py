@@ -120,26 +120,33 @@ def apply_capacity(
     capacity: int,
     order: str = "token",
     priority: torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, weights, dropped [E] int64): each expert keeps its first ``capacity`` slots in the given order."""
+    """(ids, weights, dropped [E] int64): in every group of ``group_size`` tokens (None: one group), each expert
+    keeps its first ``capacity`` slots in the given order."""
+    T, k = topk_ids.shape
+    E = num_experts
     flat = topk_ids.reshape(-1).long()
     slots = flat.numel()
-    routed = (flat >= 0) & (flat < num_experts)
-    bucket = torch.where(routed, flat, num_experts)
+    routed = (flat >= 0) & (flat < E)
+    # One bucket per (group, expert), and one per group for the slots routed nowhere.
+    group = torch.arange(slots, device=flat.device) // k // (group_size or max(T, 1))
+    bucket = group * (E + 1) + torch.where(routed, flat, E)
     if order == "token":
         by_bucket = torch.sort(bucket, stable=True).indices
     else:
-        # Highest priority first, equal priorities by slot; then grouped by expert, keeping that order.
+        # Highest priority first, equal priorities by slot; then grouped by bucket, keeping that order.
         by_priority = torch.sort(priority_key(priority).reshape(-1), descending=True, stable=True).indices
         by_bucket = by_priority[torch.sort(bucket[by_priority], stable=True).indices]
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    groups = -(-T // (group_size or max(T, 1)))
+    counts = torch.zeros(groups * (E + 1), dtype=torch.int64, device=flat.device)
     counts.scatter_add_(0, bucket, torch.ones_like(bucket))
     starts = counts.cumsum(0) - counts
     rank = torch.empty_like(flat).scatter_(
         0, by_bucket, torch.arange(slots, device=flat.device) - starts[bucket[by_bucket]]
     )
     drop = (routed & (rank >= capacity)).view(topk_ids.shape)
-    dropped = (counts[:num_experts] - capacity).clamp_min(0)
+    dropped = (counts.view(groups, E + 1)[:, :E] - capacity).clamp_min(0).sum(0)
     return topk_ids.masked_fill(drop, -1), topk_weights.masked_fill(drop, 0), dropped
 
 

@@ -13,24 +13,28 @@ BACKENDS = available_backends(["torch", "cpu", "triton"])
 ORDERS = ["token", "score"]
 
 
-def _per_slot_loop(ids, weights, E, capacity, order, priority=None):
-    """The definition, one slot at a time: visit the slots in the order's sequence; an expert takes a slot while it
-    has room."""
+def _per_slot_loop(ids, weights, E, capacity, order, priority=None, group_size=None):
+    """The definition, one slot at a time: in each group of ``group_size`` tokens, visit the slots in the order's
+    sequence; an expert takes a slot while it has room."""
+    T, k = ids.shape
     flat_ids = ids.reshape(-1).tolist()
     flat_w = weights.reshape(-1).tolist()
-    slots = list(range(len(flat_ids)))
-    if order == "score":
-        p = (weights if priority is None else priority).float().reshape(-1).tolist()
-        p = [-math.inf if math.isnan(v) else v for v in p]
-        slots.sort(key=lambda s: (-p[s], s))
-    taken = [0] * E
-    for s in slots:
-        e = flat_ids[s]
-        if 0 <= e < E:
-            taken[e] += 1
-            if taken[e] > capacity:
-                flat_ids[s], flat_w[s] = -1, 0.0
-    dropped = [max(n - capacity, 0) for n in taken]
+    p = (weights if priority is None else priority).float().reshape(-1).tolist()
+    p = [-math.inf if math.isnan(v) else v for v in p]
+    rows = group_size or max(T, 1)
+    dropped = [0] * E
+    for start in range(0, T, rows):
+        slots = list(range(start * k, min(T, start + rows) * k))
+        if order == "score":
+            slots.sort(key=lambda s: (-p[s], s))
+        taken = [0] * E
+        for s in slots:
+            e = flat_ids[s]
+            if 0 <= e < E:
+                taken[e] += 1
+                if taken[e] > capacity:
+                    flat_ids[s], flat_w[s] = -1, 0.0
+                    dropped[e] += 1
     return (
         torch.tensor(flat_ids, dtype=ids.dtype).view(ids.shape),
         torch.tensor(flat_w, dtype=weights.dtype).view(weights.shape),
@@ -45,9 +49,9 @@ def _routing(gen, T, k, E, routed_nowhere=0.1, weight_dtype=torch.float32):
     return ids, weights
 
 
-def _check(backend, ids, weights, E, capacity, order, priority=None):
+def _check(backend, ids, weights, E, capacity, order, priority=None, group_size=None):
     device = device_for(backend)
-    want = _per_slot_loop(ids, weights, E, capacity, order, priority)
+    want = _per_slot_loop(ids, weights, E, capacity, order, priority, group_size)
     got = nf.apply_capacity(
         ids.to(device),
         weights.to(device),
@@ -56,6 +60,7 @@ def _check(backend, ids, weights, E, capacity, order, priority=None):
         order,
         backend,
         priority=None if priority is None else priority.to(device),
+        group_size=group_size,
         return_dropped=True,
     )
     for g, w in zip(got, want, strict=True):
@@ -71,6 +76,16 @@ def test_reference_matches_the_per_slot_loop(gen):
             got = reference.apply_capacity(ids, weights, 11, capacity, order, weights if order == "score" else None)
             for g, w in zip(got, want, strict=True):
                 torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", ORDERS)
+def test_capacity_per_group_of_tokens(order, backend, gen):
+    """Switch's per-sequence capacity: [batch * sequence, k] with group_size = sequence; the last group shorter."""
+    ids, weights = _routing(gen, 4 * 7 + 3, 2, 5)
+    for group_size in (1, 7, 31, 100):
+        for capacity in (0, 1, 3):
+            _check(backend, ids, weights, 5, capacity, order, group_size=group_size)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -208,6 +223,7 @@ def test_expert_capacity_is_switchs_formula():
         ({"priority": torch.ones(4, 2)}, ValueError, "priority"),
         ({"order": "score", "priority": torch.ones(4, 1)}, ValueError, "priority"),
         ({"return_dropped": 1}, TypeError, "return_dropped"),
+        ({"group_size": 0}, ValueError, "group_size"),
         ({"backend": "cuda"}, ValueError, "backend"),
     ],
 )

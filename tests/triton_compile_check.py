@@ -129,7 +129,8 @@ def moe_cases():
 def capacity_cases():
     capacity = importlib.import_module("netmerge_fast.triton_kernels.apply_capacity")
     for ids in ("*i32", "*i64"):
-        token = {"ids_ptr": ids, "out_ptr": ids, "counts_ptr": "*i32", "slots": "i32", "capacity": "i32"}
+        token = {"ids_ptr": ids, "out_ptr": ids, "counts_ptr": "*i32", **_pointers("i32", "slots", "group_slots", "E")}
+        token["capacity"] = "i32"
         yield f"apply_capacity/token/{ids}", capacity._token_order_kernel, token, {"BLOCK": capacity._BLOCK}, 4
         score = {
             **_pointers("*i32", "sorted_ptr", "offsets_ptr", "counts_ptr"),

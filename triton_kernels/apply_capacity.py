@@ -1,11 +1,12 @@
 """Triton apply_capacity: which slots each expert keeps, without a host synchronisation.
 
-Both orders write only the dropped slots, over a copy of the ids, with one program per expert.
+Capacity holds per group of ``group_size`` consecutive tokens (Switch Transformers: per sequence). Both orders
+write only the dropped slots, over a copy of the ids, with one program per (group, expert) bucket.
 
-Token order: the program scans all slot ids in order with a running prefix count of its expert's slots; slots
-ranked ``capacity`` or later are dropped (the scan of ``moe_align``'s placing pass, with nothing to place).
+Token order: the program scans its group's slot ids in order with a running prefix count of its expert's slots;
+slots ranked ``capacity`` or later are dropped (the scan of ``moe_align``'s placing pass, with nothing to place).
 
-Score order: ``moe_align`` groups the slots by expert (stable: in slot order); each program then finds the
+Score order: a stable sort groups the slots by bucket (in slot order); each program then finds the
 ``capacity``-th best priority of its segment by a radix select over the order-preserving 32-bit image of the
 priorities (four histogram passes of 8 bits, most significant first). Slots above it are kept, slots below
 dropped, and among the slots equal to it the lowest ones fill the places left, by a prefix count in slot order:
@@ -15,23 +16,25 @@ the set that sorting by (priority desc, slot) would keep, with every pass a cont
 import torch
 import triton
 import triton.language as tl
-from netmerge_fast.triton_kernels.moe_align import moe_align_triton
 
 _BLOCK = 1024
 
 
 @triton.jit
-def _token_order_kernel(ids_ptr, out_ptr, counts_ptr, slots, capacity, BLOCK: tl.constexpr):
+def _token_order_kernel(ids_ptr, out_ptr, counts_ptr, slots, group_slots, E, capacity, BLOCK: tl.constexpr):
     expert = tl.program_id(0)
+    group = tl.program_id(1)
+    begin = group * group_slots
+    end = tl.minimum(begin + group_slots, slots)
     seen = tl.zeros([], tl.int32)
-    for base in range(0, slots, BLOCK):
+    for base in range(begin, end, BLOCK):
         s = base + tl.arange(0, BLOCK)
-        in_range = s < slots
+        in_range = s < end
         mine = (tl.load(ids_ptr + s, mask=in_range, other=-1) == expert) & in_range
         rank = seen + tl.cumsum(mine.to(tl.int32), 0) - 1
         tl.store(out_ptr + s, tl.full([BLOCK], -1, out_ptr.dtype.element_ty), mask=mine & (rank >= capacity))
         seen += tl.sum(mine.to(tl.int32), 0)
-    tl.store(counts_ptr + expert, seen)
+    tl.store(counts_ptr + group * E + expert, seen)
 
 
 @triton.jit
@@ -91,19 +94,38 @@ def _score_order_kernel(
 
 @torch.library.triton_op("netmerge::apply_capacity_triton", mutates_args=())
 def apply_capacity_triton(
-    topk_ids: torch.Tensor, priority: torch.Tensor | None, num_experts: int, capacity: int, order: str
+    topk_ids: torch.Tensor,
+    priority: torch.Tensor | None,
+    num_experts: int,
+    capacity: int,
+    order: str,
+    group_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     ids = topk_ids.contiguous()
+    T, k = ids.shape
     slots, E = ids.numel(), num_experts
+    group_slots = max(1, min(group_size, T) * k)
+    groups = triton.cdiv(slots, group_slots)
     out = ids.clone()
-    counts = torch.zeros(E, dtype=torch.int32, device=ids.device)
+    counts = torch.zeros(groups * E, dtype=torch.int32, device=ids.device)
     capacity = min(capacity, slots)
-    if order == "token":
-        torch.library.wrap_triton(_token_order_kernel)[(E,)](ids, out, counts, slots, capacity, BLOCK=_BLOCK)
-    else:
-        sorted_ids, offsets, _, _ = moe_align_triton(ids, E, 0)
+    if order == "token" and slots:
+        torch.library.wrap_triton(_token_order_kernel)[(E, groups)](
+            ids, out, counts, slots, group_slots, E, capacity, BLOCK=_BLOCK
+        )
+    elif order == "score" and slots:
+        # One bucket per (group, expert); a stable radix sort groups the slots by bucket, in slot order, without a
+        # host sync and in O(slots) for any number of buckets (moe_align's scans cost O(buckets * slots)).
+        flat = ids.reshape(-1).long()
+        position = torch.arange(slots, device=ids.device)
+        bucket = torch.where((flat >= 0) & (flat < E), position // group_slots * E + flat, groups * E)
+        sorted_ids = torch.sort(bucket, stable=True).indices.to(torch.int32)
+        bucket_counts = torch.zeros(groups * E + 1, dtype=torch.int32, device=ids.device)
+        bucket_counts.scatter_add_(0, bucket, torch.ones_like(bucket, dtype=torch.int32))
+        offsets = torch.cat([bucket_counts.new_zeros(1), bucket_counts.cumsum(0, dtype=torch.int32)])
         keys = torch.empty(slots, dtype=torch.int64, device=ids.device)
-        torch.library.wrap_triton(_score_order_kernel)[(E,)](
+        torch.library.wrap_triton(_score_order_kernel)[(groups * E,)](
             sorted_ids, offsets, priority.float().contiguous(), keys, out, counts, capacity, BLOCK=_BLOCK
         )
-    return out, (counts.long() - capacity).clamp_min(0)
+    dropped = (counts.view(groups, E).long() - capacity).clamp_min(0).sum(0)
+    return out, dropped
