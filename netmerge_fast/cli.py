@@ -27,6 +27,7 @@ SUITES = {
     "combine": "netmerge_fast.bench.combine",
     "hf": "netmerge_fast.bench.hf",
     "capacity": "netmerge_fast.bench.capacity",
+    "switch": "netmerge_fast.bench.switch",
 }
 # combine is left out of the default: its reference and per-row baselines take minutes.
 DEFAULT_SUITES = ("topk", "dispatch", "layer")
