@@ -282,6 +282,21 @@ def test_replay_reproduces_the_recorded_routing(backend, gen):
     assert all(torch.equal(c, by_argument) for c in by_context), "one tensor replays every call"
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
+def test_layer_with_capacity_and_selection_bias_compiles_fullgraph(gen):
+    torch._dynamo.reset()
+    moe = _layer("cpu", capacity_factor=1.0, capacity_order="score", selection_bias=True)
+    compiled = torch.compile(moe, fullgraph=True)
+    for T in (40, 33):  # a second size: the capacity follows the token count
+        x = torch.randn(T, 16, generator=gen)
+        eager = moe(x)
+        eager_stats, load_before = moe.router_stats, moe.expert_load.clone()
+        got = compiled(x)
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(moe.router_stats[:2], eager_stats[:2], strict=True))
+        assert torch.equal(moe.expert_load, load_before + eager_stats.tokens_per_expert), "the buffer is updated"
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, needle",
     [
