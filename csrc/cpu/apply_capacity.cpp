@@ -25,6 +25,11 @@ namespace {
 namespace K = netmerge::kernels;
 constexpr int64_t kChunk = 1 << 16;
 
+// Tasks of about kChunk slots: below that, waking a second thread costs more than the work.
+int64_t grain_for(int64_t tasks, int64_t slots) {
+  return std::max<int64_t>(1, at::divup(tasks * kChunk, std::max<int64_t>(slots, 1)));
+}
+
 // Slots of one group, one pass with a running count per expert; count[e] ends as the group's load of e.
 template <typename id_t>
 void token_order_pass(const id_t* ids, int64_t begin, int64_t end, int64_t E, int64_t capacity, int64_t* count,
@@ -43,7 +48,7 @@ void token_order(const id_t* ids, int64_t slots, int64_t group_slots, int64_t E,
   const int64_t groups = at::divup(slots, group_slots);
   loads.assign(groups * E, 0);
   if (groups > 1 || slots <= kChunk) {
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, groups, grain_for(groups, slots), [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g)
         token_order_pass(ids, g * group_slots, std::min(slots, (g + 1) * group_slots), E, capacity,
                          loads.data() + g * E, out);
@@ -87,7 +92,7 @@ void score_order(const id_t* ids, const float* priority, int64_t slots, int64_t 
   K::count_slots(bucket.data(), slots, V, counts.data());
   K::segment_starts(counts.data(), V, starts.data());
   K::place_slots(bucket.data(), slots, V, starts.data(), cursor.data(), sorted.data(), static_cast<int32_t*>(nullptr));
-  at::parallel_for(0, V, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, V, grain_for(V, slots), [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> keys;
     for (int64_t v = begin; v < end; ++v) {
       const int64_t n = counts[v];

@@ -24,7 +24,7 @@ from netmerge_fast.bench import time_call
 SHAPES = (("mixtral E8 k2", 8, 2), ("qwen3 E128 k8", 128, 8), ("deepseek-v3 E256 k8", 256, 8))
 TOKENS = (256, 4096, 16384)
 ORDERS = ("token", "score")
-QUICK = {"tokens": (64,), "compile": False}
+QUICK = {"tokens": (64,), "compile": False, "rounds": 1}
 
 
 def one_hot_cumsum(ids: torch.Tensor, weights: torch.Tensor, E: int, capacity: int, order: str):
@@ -48,14 +48,15 @@ def run(
     tokens: tuple[int, ...] = TOKENS,
     shapes: tuple = SHAPES,
     compile: bool = True,
+    rounds: int = 5,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (shape, T, order): microseconds per call of ours and each baseline, and the ratios."""
+    """One row per (shape, T, order): median microseconds per call of ours and each baseline, and the ratios."""
     with torch._dynamo.config.patch(recompile_limit=64):  # the compiled baselines see every (E, order)
-        return _run(device, dtype, tokens, shapes, compile, progress)
+        return _run(device, dtype, tokens, shapes, compile, rounds, progress)
 
 
-def _run(device, dtype, tokens, shapes, compile, progress) -> list[dict[str, Any]]:
+def _run(device, dtype, tokens, shapes, compile, rounds, progress) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     rows = []
     baselines: dict[str, Callable] = {
