@@ -6,6 +6,7 @@ import torch
 
 from netmerge_fast import _checks, reference
 from netmerge_fast._backends import native_status, resolve
+from netmerge_fast.capacity import apply_capacity
 
 __all__ = ["expert_counts", "load_balancing_loss", "router_z_loss", "topk_gating"]
 
@@ -155,8 +156,6 @@ def _kernel(backend: str):
 
 def _route_for_training(router_logits, k, capacity, capacity_order, replay_ids, **routing):
     """Selection (or replay of ``replay_ids``), then ``apply_capacity``: composed, so every top-k kernel serves."""
-    from netmerge_fast.capacity import apply_capacity
-
     if replay_ids is None:
         weights, ids = topk_gating(router_logits, k, **routing)
     else:
