@@ -94,8 +94,9 @@ def topk_gating(
         group_allowed = torch.zeros(T, num_groups, dtype=torch.bool, device=x.device).scatter(1, best_groups, True)
         allowed = group_allowed.repeat_interleave(E // num_groups, dim=1)
 
-    # Rank by key (ties to the lower index), then move every disallowed expert behind the allowed ones.
-    order = _stable_descending_order(key)
+    # Rank the allowed experts by key (ties to the lower index), then the disallowed ones behind them in index
+    # order: they fill the slots left when the allowed groups hold fewer than k experts.
+    order = _stable_descending_order(key.masked_fill(~allowed, float("-inf")))
     order = order.gather(1, _stable_descending_order(allowed.gather(1, order).to(torch.int8)))
     ids = order[:, :k]
 
@@ -204,6 +205,14 @@ def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.T
     return elementwise_activation(name, gate) * up
 
 
+def split_gate_up(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) halves of the first projection's output [..., 2I]: concatenated, or interleaved (GPT-OSS)."""
+    if interleaved:
+        return h[..., 0::2], h[..., 1::2]
+    inter = h.shape[-1] // 2
+    return h[..., :inter], h[..., inter:]
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_size: int | None = None) -> tuple[torch.Tensor, ...]:
     flat = topk_ids.reshape(-1).long()
     slots = flat.numel()
@@ -243,12 +252,15 @@ def moe_experts(
     b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
     apply_weights_on_input: bool = False,
+    transposed: bool = False,
+    gate_up_interleaved: bool = False,
 ) -> torch.Tensor:
+    if transposed:  # x @ w instead of x @ w^T: the nn.Linear layout is the transposed view
+        w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
     dtype = compute_dtype(hidden)
     T, k = topk_ids.shape
     x = hidden.to(dtype)
     weights = topk_weights.to(dtype)
-    inter = w_down.shape[2]
     per_slot = x.new_zeros(T, k, x.shape[1])
     for e in range(w_gate_up.shape[0]):
         token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
@@ -259,7 +271,11 @@ def moe_experts(
         h = rows @ w_gate_up[e].to(dtype).T
         if b_gate_up is not None:
             h = h + b_gate_up[e].to(dtype)
-        a = gated_activation(activation, h[:, :inter], h[:, inter:]) if gated else elementwise_activation(activation, h)
+        a = (
+            gated_activation(activation, *split_gate_up(h, gate_up_interleaved))
+            if gated
+            else elementwise_activation(activation, h)
+        )
         y = a @ w_down[e].to(dtype).T
         if b_down is not None:
             y = y + b_down[e].to(dtype)

@@ -203,3 +203,16 @@ def test_unsupported_expert_activation_is_left_alone():
         report = hf.enable(model)
     assert len(report.routers) == 4 and not report.experts
     assert all("activation" in why for why in report.skipped.values())
+
+
+def test_no_fused_backend_leaves_switch_on_transformers(monkeypatch):
+    monkeypatch.setattr(hf, "resolve", lambda op, backend, device, dtype: "torch")
+    model = tiny_switch()
+    ids = tokens()
+    with torch.no_grad():
+        expected = model(input_ids=ids, decoder_input_ids=ids).logits
+    with pytest.warns(UserWarning, match="auto would pick the slow 'torch' reference"):
+        report = hf.enable(model)
+    assert not report.changed and len(report.skipped) == 8
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits, expected)

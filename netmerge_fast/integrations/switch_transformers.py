@@ -101,8 +101,8 @@ def _sparse_mlp_forward(self, hidden_states):
 
 
 def _plan(module: nn.Module) -> _Experts | str:
-    """How to run this sparse MLP's experts, or why they cannot be run exactly."""
-    from netmerge_fast.integrations.hf import _activation_of
+    """How to run this sparse MLP's experts, or why they cannot be run exactly and fast."""
+    from netmerge_fast.integrations.hf import _activation_of, _fused_backend_reason
 
     experts = [module.experts[f"expert_{e}"] for e in range(module.router.num_experts)]
     activation = _activation_of(types.SimpleNamespace(act_fn=experts[0].act))
@@ -117,13 +117,27 @@ def _plan(module: nn.Module) -> _Experts | str:
         return "the experts' weights must share one floating dtype and device"
     if any(type(expert.act) is not type(experts[0].act) for expert in experts):
         return "the experts have different activations"
+    reason = _fused_backend_reason("moe_experts", first.device, first.dtype)
+    if reason:
+        return reason
     return _Experts(activation, float(experts[0].dropout.p), wi, wo)
 
 
 def _router_reason(module: nn.Module) -> str | None:
+    """Why the router cannot run exactly and fast (None: it can)."""
+    from netmerge_fast.integrations.hf import _fused_backend_reason
+
     capacity = module.expert_capacity
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
         return f"expert_capacity must be an int >= 0, got {capacity!r}"
+    device = module.classifier.weight.device
+    ops = [("apply_capacity", module.classifier.weight.dtype)]
+    if module.dtype == torch.float32:  # float32 logits route on topk_gating (others on transformers' argmax)
+        ops.append(("topk_gating", torch.float32))
+    for op, dtype in ops:
+        reason = _fused_backend_reason(op, device, dtype)
+        if reason:
+            return reason
     return None
 
 
