@@ -30,6 +30,8 @@ SUITES = {
     "hf": "netmerge_fast.bench.hf",
     "hf_layout": "netmerge_fast.bench.hf_layout",
     "ep": "netmerge_fast.bench.ep",
+    "capacity": "netmerge_fast.bench.capacity",
+    "switch": "netmerge_fast.bench.switch",
 }
 # combine is left out of the default: its reference and per-row baselines take minutes.
 DEFAULT_SUITES = ("topk", "dispatch", "layer")
@@ -80,6 +82,7 @@ def _backends(_args: argparse.Namespace) -> int:
 DEMOS: dict[str, str] = {
     "deep-moe": "netmerge_fast.demo.deep_moe",  # Eigen, Ranzato & Sutskever (2013) on jittered MNIST
     "expert-merging": "netmerge_fast.demo.expert_merging",  # Park (2024): usage-driven expert merging
+    "load-balance": "netmerge_fast.demo.load_balance",  # aux loss vs DeepSeek-V3's selection bias vs neither
 }
 
 
