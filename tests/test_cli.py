@@ -126,7 +126,7 @@ def test_demo_universal_transfer_quick(tmp_path, capsys):
     from netmerge_fast.demo.unseen_experts import ROWS
 
     out = tmp_path / "transfer.json"
-    assert cli.main(["demo", "universal_transfer", "--quick", "--seeds", "1", "--json", str(out)]) == 0
+    assert cli.main(["demo", "universal-transfer", "--quick", "--seeds", "1", "--json", str(out)]) == 0
     assert "| combiner | two_domains | five_experts | digits_adam150 |" in capsys.readouterr().out
     sets = json.loads(out.read_text())["sets"]
     assert list(sets) == ["two_domains", "five_experts", "digits_adam150"]

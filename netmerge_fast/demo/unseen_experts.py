@@ -1,4 +1,4 @@
-"""How the universal gate transfers to experts it never saw (``netmerge-fast demo universal_transfer``).
+"""How the universal gate transfers to experts it never saw (``netmerge-fast demo universal-transfer``).
 
 Eleven expert sets, none of them seen by any gate: the demo's problems 2 and 3, and experts trained outside the
 gates' training set with other architectures and recipes (MLPs of other widths, small CNNs, the seed's LeNet5;
