@@ -455,3 +455,27 @@ def test_pan_stats_errors():
     with pytest.raises(ValueError, match="pan_stats is only used"):
         HeterogeneousMoE(experts, COUNTS, "pan_logits", pan_stats=("mean",))
     HeterogeneousMoE(experts, COUNTS, "pan_logits", pan_stats=["mean", "std", "max"])  # the default, as a list
+
+
+def test_standardised_gate_reads_scaled_features_and_round_trips(tmp_path, gen):
+    gate = UniversalGate(("margin", "max"), standardise=True)
+    features = torch.randn(50, 3, 2, generator=gen) * torch.tensor([10.0, 0.1]) + 4
+    gate.fit_standardisation(features)
+    rows = features.reshape(-1, 2)
+    torch.testing.assert_close(gate.input_mean, rows.mean(0))
+    torch.testing.assert_close(gate.input_std, rows.std(0))
+    torch.testing.assert_close(gate(features), gate.net((features - rows.mean(0)) / rows.std(0)))
+    gate.save(tmp_path / "g.safetensors")
+    loaded = UniversalGate.load(tmp_path / "g.safetensors")
+    assert loaded.standardise and loaded.config() == gate.config()
+    torch.testing.assert_close(loaded(features), gate(features))
+    with pytest.raises(ValueError, match="standardise"):
+        HeterogeneousMoE(make_experts(), COUNTS, "universal", gate=UniversalGate(("margin", "max"))).load_gates(
+            tmp_path / "g.safetensors"
+        )
+    with pytest.raises(ValueError, match="standardise=True"):
+        UniversalGate(("margin",)).fit_standardisation(features[..., :1])
+    with pytest.raises(ValueError, match="2 rows"):
+        gate.fit_standardisation(torch.full((3, 2), float("nan")))
+    with pytest.raises(TypeError, match="standardise"):
+        UniversalGate(("margin",), standardise="yes")

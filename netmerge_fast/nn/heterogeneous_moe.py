@@ -349,6 +349,10 @@ class HeterogeneousMoE(nn.Module):
         state, config = load_gates(path)
         if self.combiner == "universal":
             check_config(path, config, self.gate.config())
+            if config.get("standardise", False) != self.gate.standardise:
+                found = config.get("standardise", False)
+                raise ValueError(f"path {os.fspath(path)!r} holds gates for another model: standardise: file has "
+                                 f"{found!r}, model needs {self.gate.standardise!r}")  # fmt: skip
             self.gate.load_state_dict(state)
             return
         if self.combiner not in PAN_COMBINERS:
