@@ -98,6 +98,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _kang_demo(args: argparse.Namespace) -> int:
+    import copy
     import time
 
     try:
@@ -105,9 +106,7 @@ def _kang_demo(args: argparse.Namespace) -> int:
     except ImportError as error:  # pragma: no cover - the message is the point
         print(f"netmerge-fast demo needs the demo extra (pip install 'netmerge-fast[demo]'): {error}", file=sys.stderr)
         return 2
-    settings = reproduction.Settings()
-    if args.full:
-        settings = reproduction.Settings(lenet5_epochs=reproduction.FULL_LENET5_EPOCHS, mnist_seeds=None)
+    settings = copy.copy(reproduction.FULL if args.full else reproduction.Settings())
     if args.universal_stats:
         from netmerge_fast.nn.universal_gate import FEATURES
 
@@ -134,7 +133,7 @@ def _kang_demo(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(threads)
     mode = " (quick)" if args.quick else " (full)" if args.full else ""
-    counts = {name: len(next(iter(rows.values()))["per_seed"]) for name, rows in table.items()}
+    counts = {name: len(rows["naive"]["per_seed"]) for name, rows in table.items()}
     fewer = ", ".join(f"{name}: {n}" for name, n in counts.items() if n != args.seeds)
     print(f"# test accuracy (%), mean ± std over {args.seeds} seeds{f' ({fewer})' if fewer else ''}{mode}\n")
     print(reproduction.format_table(table), flush=True)

@@ -257,7 +257,7 @@ def test_progress_bar_on_a_terminal_redraws_a_few_times_a_second(problem1, monke
     monkeypatch.setattr(sys, "stderr", terminal)
     moe = HeterogeneousMoE(experts, [5, 5], "pan_logits")
     start = time.perf_counter()
-    GatingTrainer(moe, seed=0, patience=500, batch_size=512).fit(p.x_train, p.owner_train, epochs=300)
+    GatingTrainer(moe, seed=0, patience=500, batch_size=512).fit(p.x_train[:400], p.owner_train[:400], epochs=300)
     elapsed = time.perf_counter() - start
     redraws = terminal.getvalue().count("\r")
     # 600 epochs in all; tqdm redraws at most every 0.25 s, plus the opening and closing draw of each bar

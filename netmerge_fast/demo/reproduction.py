@@ -45,19 +45,22 @@ ROWS = (
 class Settings:
     """``epochs``: gate training; ``expert_epochs``: the digits MLPs; ``lenet5_epochs``: the MNIST LeNet5s (the
     seed's 10); ``mnist_seeds``: how many of the seeds run ``disjoint_mnist`` (None: all; LeNet5 on 32x32 costs
-    most of the time); ``universal_stats``: the features of the ``universal`` row's gate (and, if given, of a
-    ``universal_bundled`` gate rebuilt by the first bundle's recipe instead of the shipped file); ``max_rows``:
-    test rows and data-free PAN inputs per problem cut to this many (smoke tests)."""
+    most of the time); ``mnist_data_free``: also the data-free PAN on ``disjoint_mnist`` (its "dream" negatives are
+    gradient ascents through the LeNet5s, the costliest row); ``universal_stats``: the features of the
+    ``universal`` row's gate (and, if given, of a ``universal_bundled`` gate rebuilt by the bundle recipe instead
+    of the shipped file); ``max_rows``: training, test and own inputs per problem cut to this many (smoke tests)."""
 
     epochs: int = 30
     expert_epochs: int = 15
     lenet5_epochs: int = 10
-    mnist_seeds: int | None = 3
+    mnist_seeds: int | None = 2
+    mnist_data_free: bool = False
     universal_stats: Sequence[str] | None = None
     max_rows: int | None = None
 
 
 QUICK = Settings(epochs=5, expert_epochs=5, lenet5_epochs=2, mnist_seeds=1, max_rows=200)
+FULL = Settings(lenet5_epochs=FULL_LENET5_EPOCHS, mnist_seeds=None, mnist_data_free=True)
 
 
 def _accuracy(moe: HeterogeneousMoE, p: Problem) -> float:
@@ -126,10 +129,11 @@ def run_seed(seed: int, settings: Settings | None = None, problems=PROBLEMS) -> 
             moe = HeterogeneousMoE(ex, counts, combiner, feature_modules=[e.body for e in ex])
             GatingTrainer(moe, seed=seed, progress=False).fit(p.x_train, p.owner_train, s.epochs)
             row[combiner] = _accuracy(moe, p)
-        moe = HeterogeneousMoE(ex, counts, "pan_logits")
-        own = [x for x, _ in p.experts_data]
-        GatingTrainer(moe, seed=seed, progress=False).fit_data_free(own, s.epochs)
-        row["pan_logits_data_free"] = _accuracy(moe, p)
+        if name != "disjoint_mnist" or s.mnist_data_free:
+            moe = HeterogeneousMoE(ex, counts, "pan_logits")
+            own = [x for x, _ in p.experts_data]
+            GatingTrainer(moe, seed=seed, progress=False).fit_data_free(own, s.epochs)
+            row["pan_logits_data_free"] = _accuracy(moe, p)
         row["universal"] = _accuracy(HeterogeneousMoE(ex, counts, "universal", gate=copy.deepcopy(universal.gate)), p)
         row["universal_bundled"] = _accuracy(HeterogeneousMoE(ex, counts, "universal", gate=copy.deepcopy(bundled)), p)
         row["oracle"] = _accuracy(HeterogeneousMoE(ex, counts, "oracle"), p)
@@ -146,7 +150,7 @@ def run(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, dict]]:
     """``{problem: {row: {"mean", "std", "per_seed"}}}`` over ``seeds`` seeds (``disjoint_mnist`` over the first
-    ``settings.mnist_seeds``; ``quick``: ``QUICK``'s few epochs and rows)."""
+    ``settings.mnist_seeds``, without the rows it skips; ``quick``: ``QUICK``'s few epochs and rows)."""
     s = settings or Settings()
     if quick:
         s = Settings(**(vars(QUICK) | {"universal_stats": s.universal_stats}))
@@ -161,7 +165,9 @@ def run(
     for name in problems:
         table[name] = {}
         for row in ROWS:
-            values = [r[name][row] for r in per_seed if name in r]
+            values = [r[name][row] for r in per_seed if row in r.get(name, {})]
+            if not values:
+                continue
             mean = sum(values) / len(values)
             std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
             table[name][row] = {"mean": mean, "std": std, "per_seed": values}
@@ -186,7 +192,8 @@ def format_table(table: dict[str, dict[str, dict]]) -> str:
     names = list(table)
     lines = ["| combiner | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for row in ROWS:
-        cells = [f"{100 * table[n][row]['mean']:.1f} ± {100 * table[n][row]['std']:.1f}" for n in names]
+        cells = [f"{100 * table[n][row]['mean']:.1f} ± {100 * table[n][row]['std']:.1f}" if row in table[n] else "-"
+                 for n in names]  # fmt: skip
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -207,8 +214,8 @@ def plot(path: str, table: dict) -> None:
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         xs = [i + k * width for i in range(len(ROWS))]
-        means = [100 * table[name][r]["mean"] for r in ROWS]
-        stds = [100 * table[name][r]["std"] for r in ROWS]
+        means = [100 * table[name][r]["mean"] if r in table[name] else 0.0 for r in ROWS]
+        stds = [100 * table[name][r]["std"] if r in table[name] else 0.0 for r in ROWS]
         ax.bar(xs, means, width, yerr=stds, label=name, capsize=2)
     ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(ROWS))], ROWS, rotation=70, ha="right")
     ax.set_ylabel("test accuracy (%)")
