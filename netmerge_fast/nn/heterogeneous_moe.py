@@ -56,9 +56,10 @@ class HeterogeneousMoE(nn.Module):
               evaluation only.
 
         augmentations: multi-pass test-time augmentation: the plain input plus one pass per entry (a name from
-            ``netmerge_fast.nn.augmentations.AUGMENTATIONS``: ``"gaussian"``, ``"poisson"``, ``"flip"``,
-            ``"random_resized_crop"``, ``"sharpen"``, or a callable batch -> batch); every pass is combined by
-            ``combiner`` and the passes are aggregated.
+            ``netmerge_fast.nn.augmentations.AUGMENTATIONS``: the seed's ``"gaussian"``, ``"poisson"``,
+            ``"horizontal_flip"``, ``"vertical_flip"``, ``"random_resized_crop"``, ``"sharpen"``, the project's
+            ``"rotate180"``, ``"random_square_crop"``; or a callable batch -> batch, e.g. one of the seed's
+            ``SEED_CONFIGURATIONS``' lists); every pass is combined by ``combiner`` and the passes are aggregated.
         aggregate: ``"mean"`` of the passes' combined logits, or ``"vote"``, the seed's majority vote
             (``torch.mode`` of the passes' answers): the output holds each class's number of per-pass argmax
             wins, so its argmax is the most frequent answer, a tie going to the lowest class index (as
