@@ -22,7 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     const at::Tensor& hidden, const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& topk_weights,
     const at::Tensor& topk_ids, c10::string_view activation, bool gated, const std::optional<at::Tensor>& b_gate_up,
-    const std::optional<at::Tensor>& b_down, bool apply_weights_on_input, bool save_gate_up);
+    const std::optional<at::Tensor>& b_down, bool apply_weights_on_input, bool save_gate_up,
+    bool gate_up_interleaved);
 
 at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets);
 
