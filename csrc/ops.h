@@ -25,6 +25,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     const std::optional<at::Tensor>& b_down, bool apply_weights_on_input, bool save_gate_up,
     bool gate_up_interleaved);
 
+std::tuple<at::Tensor, at::Tensor> apply_capacity(const at::Tensor& topk_ids, const std::optional<at::Tensor>& priority,
+                                                  int64_t num_experts, int64_t capacity, c10::string_view order,
+                                                  int64_t group_size);
+
 at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets);
 
 at::Tensor grouped_mm_weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets);
