@@ -510,6 +510,30 @@ def test_torch_compile_fullgraph(backend, gen):
     torch.testing.assert_close(x2.grad, x1.grad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_counts_reach_the_device_once(backend, gen, monkeypatch):
+    """Forward and backward build their index tensors once per (class_counts, device): no host-to-device copy
+    per call (it blocks, and is illegal during CUDA-graph capture). Also under inference mode first."""
+    counts = [4, 1, 6, 2, 9]
+    x = make_logits(gen, 5, counts, device=device_for(backend))
+
+    def step():
+        leaf = x.clone().requires_grad_()
+        stats = nf.logit_statistics(leaf, counts, stats=STATISTICS, backend=backend)
+        merged = nf.combine_logits(leaf, counts, method="third_quartile", backend=backend)
+        (stats.nan_to_num(0.0).sum() + merged.sum()).backward()
+        return leaf.grad
+
+    with torch.inference_mode():
+        nf.logit_statistics(x, counts, stats=STATISTICS, backend=backend)
+    first = step()
+    made = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real_tensor(*a, **k))
+    torch.testing.assert_close(step(), first, rtol=0, atol=0)
+    assert made == [], f"torch.tensor called per step with {made}"
+
+
 # ---- backends and errors ----
 
 
