@@ -47,7 +47,8 @@ def test_reference_padded_layout(gen):
     assert (padded[at:] == slots).all() and (block_expert[at // block :] == -1).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# The torch backend is reference.py, checked against its definition above rather than against itself.
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
 @pytest.mark.parametrize("block_size", [None, 1, 4, 16])
 @pytest.mark.parametrize("T,k,E", [(0, 2, 4), (1, 1, 1), (1, 8, 8), (7, 2, 3), (40, 3, 8), (33, 4, 64)])
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
