@@ -1,5 +1,7 @@
 """moe_experts on every backend against netmerge_fast.reference: values, gradients, determinism, errors."""
 
+import math
+
 import pytest
 import torch
 
@@ -11,6 +13,19 @@ from tests.conftest import available_backends, device_for
 BACKENDS = available_backends(["torch", "cpu", "triton"])
 FUSED = [b for b in BACKENDS if b != "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+INTERPRETED = not torch.cuda.is_available()  # the triton backend runs under TRITON_INTERPRET=1
+
+
+def interpreter_dot_path(backend, T, k, E, backward=False):
+    """Whether this call runs a Triton tl.dot under the interpreter, which multiplies the raw bit patterns of
+    bfloat16 operands: the tl.dot path runs when there are more slots than experts, and in every backward."""
+    return backend == "triton" and INTERPRETED and (backward or T * k > E)
+
+
+def skip_untrusted_bfloat16(backend, dtype, T, k, E, backward=False):
+    if dtype == torch.bfloat16 and interpreter_dot_path(backend, T, k, E, backward):
+        pytest.skip("interpreter: bfloat16 tl.dot is computed wrongly (float16 covers this path; the bfloat16 "
+                    "case runs in the cuda-marked tests)")  # fmt: skip
 
 
 def make_inputs(gen, T, k, E, H, inter, *, dtype=torch.float32, gated=True, bias=False, routed_nowhere=0.0, ids=None):
@@ -41,15 +56,54 @@ def tolerance(dtype, expected):
     return {"rtol": 2e-2, "atol": 2e-2 * scale}
 
 
+def _activation(name, x):
+    if name == "silu":
+        return x / (1 + torch.exp(-x))
+    if name == "gelu":
+        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+    if name == "gelu_tanh":
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return x.clamp_min(0)  # relu
+
+
+def loop_moe_experts(hidden, w_gate_up, w_down, topk_weights, topk_ids, *, activation="silu", gated=True,
+                     b_gate_up=None, b_down=None, apply_weights_on_input=False):  # fmt: skip
+    """An oracle independent of reference.py: every slot on its own, in float64, the activations written out."""
+    d = torch.float64
+    T, k = topk_ids.shape
+    inter = w_down.shape[2]
+    out = torch.zeros(T, hidden.shape[1], dtype=d)
+    for t in range(T):
+        for j in range(k):
+            e, w = int(topk_ids[t, j]), float(topk_weights[t, j])
+            if e < 0:
+                continue
+            h = w_gate_up[e].to(d) @ (hidden[t].to(d) * (w if apply_weights_on_input else 1.0))
+            if b_gate_up is not None:
+                h = h + b_gate_up[e].to(d)
+            if activation == "swiglu_oai":
+                g, u = h[:inter].clamp(max=7.0), h[inter:].clamp(-7.0, 7.0)
+                a = (u + 1) * g * torch.sigmoid(1.702 * g)
+            else:
+                a = _activation(activation, h[:inter]) * h[inter:] if gated else _activation(activation, h)
+            y = w_down[e].to(d) @ a
+            if b_down is not None:
+                y = y + b_down[e].to(d)
+            out[t] += y if apply_weights_on_input else w * y
+    return out
+
+
 def check(backend, args, kwargs, dtype=torch.float32):
-    """Ours on `backend` against the reference computed in float32 from the same (rounded) inputs."""
+    """Ours on `backend` against the reference computed in float32 from the same (rounded) inputs; the torch
+    backend (reference.py itself) against the loop oracle."""
     device = device_for(backend)
     dev_args, dev_kwargs = _to(device, args, kwargs)
     out = nf.moe_experts(*dev_args, backend=backend, **dev_kwargs)
     T, H = args[0].shape
     assert out.shape == (T, H) and out.dtype == args[0].dtype and out.device.type == device
     f32 = [a.float() if a.is_floating_point() else a for a in args]
-    expected = reference.moe_experts(*f32, **{k: (v.float() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+    oracle = loop_moe_experts if backend == "torch" else reference.moe_experts
+    expected = oracle(*f32, **{k: (v.float() if torch.is_tensor(v) else v) for k, v in kwargs.items()}).float()
     torch.testing.assert_close(out.cpu().float(), expected, **tolerance(dtype, expected))
     return out
 
@@ -62,8 +116,7 @@ SHAPES = [(0, 2, 4, 16, 8), (1, 2, 4, 16, 8), (5, 1, 1, 16, 8), (6, 4, 4, 16, 8)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-k{}-E{}-H{}-I{}".format(*s))
 def test_shapes_and_dtypes(shape, dtype, backend, gen):
-    if backend == "triton" and dtype != torch.float32 and shape[0] > 9:
-        pytest.skip("interpreter: low-precision cases kept tiny")
+    skip_untrusted_bfloat16(backend, dtype, *shape[:3])
     args, kwargs = make_inputs(gen, *shape, dtype=dtype)
     check(backend, args, kwargs, dtype)
 
@@ -124,17 +177,19 @@ def test_non_contiguous_inputs(backend, gen):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("T", [2, 300])
 def test_deterministic_bit_identical(backend, T, gen):
-    if backend == "triton":
-        T = min(T, 40)
-    args, kwargs = make_inputs(gen, T, 4, 8, 32, 16, dtype=torch.bfloat16, bias=True)
-    args, kwargs = _to(device_for(backend), args, kwargs)
-    first = nf.moe_experts(*args, backend=backend, **kwargs)
+    """Repeated calls agree bit for bit, and with the reference (so they are not merely equally wrong)."""
+    dtype = torch.bfloat16
+    if backend == "triton" and INTERPRETED:
+        T, dtype = min(T, 40), torch.float16
+    args, kwargs = make_inputs(gen, T, 4, 8, 32, 16, dtype=dtype, bias=True)
+    first = check(backend, args, kwargs, dtype)
+    dev_args, dev_kwargs = _to(device_for(backend), args, kwargs)
     for _ in range(3):
-        assert torch.equal(nf.moe_experts(*args, backend=backend, **kwargs), first)
+        assert torch.equal(nf.moe_experts(*dev_args, backend=backend, **dev_kwargs), first)
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "options",
     [
@@ -148,13 +203,18 @@ def test_deterministic_bit_identical(backend, T, gen):
 )
 @pytest.mark.parametrize("T", [3, 40])
 def test_gradients_match_reference(options, dtype, backend, T, gen):
-    if backend == "triton" and dtype != torch.float32:
-        pytest.skip("interpreter: gradients checked in float32")
+    skip_untrusted_bfloat16(backend, dtype, T, 2, 6, backward=True)
+    check_gradients(backend, dtype, (T, 2, 6, 24, 12), options, gen)
+
+
+def check_gradients(backend, dtype, shape, options, gen):
+    """Every gradient of ours on `backend` against autograd through the reference, from the same inputs."""
+    T, k, E, H, inter = shape
     options = dict(options)
     make = {key: options.pop(key) for key in ("bias", "routed_nowhere", "gated") if key in options}
-    args, kwargs = make_inputs(gen, T, 2, 6, 24, 12, dtype=dtype, **make)
+    args, kwargs = make_inputs(gen, T, k, E, H, inter, dtype=dtype, **make)
     kwargs.update(options, gated=make.get("gated", True))
-    upstream = torch.randn(T, 24, generator=gen).to(dtype)
+    upstream = torch.randn(T, H, generator=gen).to(dtype)
 
     def grads(backend_, device):
         leaves = [a.to(device).requires_grad_(a.is_floating_point()) for a in args]
@@ -169,7 +229,8 @@ def test_gradients_match_reference(options, dtype, backend, T, gen):
     names = ["hidden", "w_gate_up", "w_down", "topk_weights", *(k for k, v in kwargs.items() if torch.is_tensor(v))]
     for name, g, w in zip(names, got, want, strict=True):
         assert g.dtype == w.dtype, name
-        tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+        scale = max(w.abs().amax().item() if w.numel() else 0.0, 1.0)
+        tol = {"rtol": 1e-4, "atol": 1e-5 * scale} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2 * scale}
         torch.testing.assert_close(g.float(), w.float(), **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
@@ -282,16 +343,44 @@ def test_float64_on_a_fused_only_backend_is_a_clear_error():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T", [1, 40, 256])
 def test_inference_mode(backend, dtype, T, gen):
     # Inference stacks run under torch.inference_mode: the CPU kernel's worker threads must run under it too.
-    if backend == "triton" and (T > 40 or (dtype == torch.bfloat16 and T > 1)):
-        # bfloat16 with 40 rows gives wrong results under the interpreter, inference mode or not (open finding).
+    if backend == "triton" and INTERPRETED and T > 40:
         pytest.skip("interpreter: Triton kept to small cases")
+    skip_untrusted_bfloat16(backend, dtype, T, 2, 4)
     args, kwargs = make_inputs(gen, T, 2, 4, 64, 96, dtype=dtype)
     expected = reference.moe_experts(*[a.float() if a.is_floating_point() else a for a in args], **kwargs)
     dev_args, dev_kwargs = _to(device_for(backend), args, kwargs)
     with torch.inference_mode():
         out = nf.moe_experts(*dev_args, **dev_kwargs, backend=backend)
     torch.testing.assert_close(out.cpu().float(), expected, **tolerance(dtype, expected))
+
+
+# ---- CUDA (skipped without a GPU): bfloat16 on the tl.dot paths, which the interpreter cannot check ----
+
+# (T, k, E, H, I): decode (slots <= E, one program per slot), small-M tl.dot (few rows per expert), prefill.
+CUDA_SHAPES = [(1, 8, 64, 256, 128), (8, 2, 8, 256, 128), (40, 4, 16, 256, 96), (700, 2, 8, 320, 224)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "T{}-k{}-E{}-H{}-I{}".format(*s))
+def test_cuda_bfloat16_forward(shape, activation, gen):
+    for gated in (True, False) if activation != "swiglu_oai" else (True,):
+        args, kwargs = make_inputs(gen, *shape, dtype=torch.bfloat16, gated=gated, bias=True, routed_nowhere=0.1)
+        if activation == "swiglu_oai":
+            args[1].mul_(12)  # reach both clamps
+        kwargs.update(activation=activation, gated=gated)
+        check("triton", args, kwargs, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", CUDA_SHAPES[1:], ids=lambda s: "T{}-k{}-E{}-H{}-I{}".format(*s))
+def test_cuda_bfloat16_backward(shape, activation, gen):
+    options = {"activation": activation, "bias": True, "routed_nowhere": 0.1}
+    check_gradients("triton", torch.bfloat16, shape, options, gen)
+    if activation != "swiglu_oai":
+        check_gradients("triton", torch.bfloat16, shape, dict(options, gated=False, apply_weights_on_input=True), gen)
