@@ -62,6 +62,19 @@ def test_matches_reference(T, k, E, block_size, backend, id_dtype, gen):
         torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("block_size", [None, 16])
+@pytest.mark.parametrize("T,k,E", [(100, 4, 8), (600, 4, 300)])
+def test_more_slots_than_one_chunk(T, k, E, block_size, backend, gen):
+    """The Triton kernel works on chunks of 256 slots: 400 slots take two chunks; 2400 slots over 300 experts take
+    10 chunks, more than its scan holds at once (8 for 302 buckets), so the counts carry from one block of chunks
+    to the next."""
+    ids = _ids(gen, T, k, E)
+    got = nf.moe_align(ids.to(device_for(backend)), E, block_size, backend=backend)
+    for g, w in zip(got, reference.moe_align(ids, E, block_size), strict=True):
+        torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_slots_to_one_expert_and_none_routed(backend):
     device = device_for(backend)

@@ -115,9 +115,10 @@ def moe_cases():
             for what, call in weight_grads:
                 yield f"weight_grad/{name}/{what}/{dtype_name}", moe_experts.grouped_mm_weight_grad_triton, call
     for id_dtype in (torch.int32, torch.int64):
-        for block_size in (0, 16, 64):
-            ids = meta(4096, 8, dtype=id_dtype)
-            yield f"moe_align/{id_dtype}/block={block_size}", moe_align.moe_align_triton, (ids, 128, block_size)
+        for T in (16, 4096):  # one chunk (a single launch) and many
+            for block_size in (0, 1, 64):
+                call = (meta(T, 8, dtype=id_dtype), 128, block_size)
+                yield f"moe_align/T={T}/{id_dtype}/block={block_size}", moe_align.moe_align_triton, call
 
 
 def cases():
