@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from netmerge_fast import _checks, reference
+from netmerge_fast import _checks, _torch_grouped, reference
 from netmerge_fast._backends import native_status, resolve
 
 __all__ = ["ACTIVATIONS", "moe_align", "moe_experts"]
@@ -135,7 +135,9 @@ def run_validated(
     layer (integrations.hf); the native kernel still checks the id range on CPU."""
     chosen = resolve("moe_experts", backend, hidden.device, hidden.dtype)
     if chosen == "torch":
-        return reference.moe_experts(
+        # On a GPU the reference's loop over experts would sync E times: torch's grouped GEMM instead.
+        grouped = hidden.device.type == "cuda" and _torch_grouped.supports(hidden, w_gate_up, w_down)
+        return (_torch_grouped.moe_experts if grouped else reference.moe_experts)(
             hidden,
             w_gate_up,
             w_down,

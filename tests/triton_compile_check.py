@@ -8,6 +8,10 @@ its real arguments. Each captured launch is then specialised the way Triton's ru
 16-aligned pointers marked; meta tensors sit at address 0, and the CUDA caching allocator aligns real ones to
 512 bytes) and compiled for each architecture. Launches that specialise identically are compiled once.
 
+Tiles are chosen for a GPU of each architecture (an A100's and an H100's SM counts), so the split-K and
+per-slot variants a real call would take are among those compiled; each must fit the architecture's shared
+memory.
+
 Prints one JSON object: {"<kernel>/<case>/sm<arch>": "ok" | "<error>"}. Used by test_triton_compile.py.
 """
 
@@ -17,7 +21,7 @@ from contextlib import contextmanager
 
 import torch
 import triton
-from netmerge_fast.triton_kernels import moe_align, moe_experts, topk_gating
+from netmerge_fast.triton_kernels import moe_align, moe_configs, moe_experts, topk_gating
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
@@ -80,6 +84,8 @@ MOE_CASES = {
     "qwen3_prefill": (4096, 8, 128, 2048, 768, "silu", True, False, False),
     "qwen3_decode": (1, 8, 128, 2048, 768, "silu", True, False, False),
     "gpt_oss_prefill": (512, 4, 32, 2880, 2880, "swiglu_oai", True, True, False),
+    "gpt_oss_native_decode": (4, 4, 32, 2880, 2880, "swiglu_oai", True, True, False),
+    "gpt_oss_native_prefill": (512, 4, 32, 2880, 2880, "swiglu_oai", True, True, False),
     "gelu_ungated_on_input_decode": (1, 4, 8, 256, 512, "gelu", False, True, True),
     "gelu_tanh_prefill": (512, 2, 16, 256, 512, "gelu_tanh", True, False, False),
     "relu_ungated_prefill": (512, 2, 16, 256, 512, "relu", False, False, True),
@@ -91,13 +97,20 @@ def moe_cases():
         width = 2 * inter if gated else inter
         # Every case in bfloat16; the first prefill and decode shapes in each dtype too.
         dtypes = DTYPES if name in ("qwen3_prefill", "qwen3_decode", "mixtral_batch32") else {"bf16": torch.bfloat16}
+        native = "native" in name  # GPT-OSS's own layout: [E, H, 2I] and [E, I, H] read transposed, interleaved
         for dtype_name, dtype in dtypes.items():
-            w_gate_up, w_down = meta(E, width, H, dtype=dtype), meta(E, H, inter, dtype=dtype)
+            if native:
+                w_gate_up = meta(E, H, width, dtype=dtype).transpose(1, 2)
+                w_down = meta(E, inter, H, dtype=dtype).transpose(1, 2)
+            else:
+                w_gate_up, w_down = meta(E, width, H, dtype=dtype), meta(E, H, inter, dtype=dtype)
             b_gate_up, b_down = (meta(E, width, dtype=dtype), meta(E, H, dtype=dtype)) if has_bias else (None, None)
             for save in (False, True):
                 call = (meta(T, H, dtype=dtype), w_gate_up, w_down, meta(T, k), meta(T, k, dtype=torch.int32),
-                        activation, gated, b_gate_up, b_down, on_input, save)  # fmt: skip
+                        activation, gated, b_gate_up, b_down, on_input, save, native)  # fmt: skip
                 yield f"moe_experts/{name}/{dtype_name}/save={save}", moe_experts.moe_experts_triton, call
+            if native:
+                continue
             # The backward's grouped GEMMs on the expert-sorted rows.
             S = T * k
             offsets = meta(E + 1, dtype=torch.int32)
@@ -126,10 +139,21 @@ def cases():
     yield from moe_cases()
 
 
-def launches_of(op, call):
+# Per architecture: a GPU of it (compute capability, SM count) for the launchers' tile choices, and the shared
+# memory one block may use.
+GPUS = {80: ((8, 0), 108), 90: ((9, 0), 132)}
+SHARED_MEMORY = {80: 166912, 90: 232448}
+
+
+def launches_of(op, call, arch):
     launches = []
-    with recording(launches), torch.no_grad():
-        op._init_fn(*call)
+    real = moe_configs.device_properties
+    moe_configs.device_properties = lambda device: GPUS[arch]
+    try:
+        with recording(launches), torch.no_grad():
+            op._init_fn(*call)
+    finally:
+        moe_configs.device_properties = real
     return launches
 
 
@@ -145,15 +169,15 @@ def specialise(kernel, args, kwargs, target):
 def main(archs):
     results, compiled = {}, {}
     for name, op, call in cases():
-        try:
-            launches = launches_of(op, call)
-        except Exception as exc:  # reported per case by the test
-            results[f"{name}/launcher"] = f"{type(exc).__name__}: {exc}"
-            continue
-        for kernel, args, kwargs in launches:
-            for arch in archs:
-                target = GPUTarget("cuda", arch, 32)
-                label = f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__}/{name}/sm{arch}"
+        for arch in archs:
+            try:
+                launches = launches_of(op, call, arch)
+            except Exception as exc:  # reported per case by the test
+                results[f"{name}/launcher/sm{arch}"] = f"{type(exc).__name__}: {exc}"
+                continue
+            target = GPUTarget("cuda", arch, 32)
+            for kernel, args, kwargs in launches:
+                label = f"{kernel.fn.__name__}/{name}/sm{arch}"
                 try:
                     signature, constexprs, attrs, options = specialise(kernel, args, kwargs, target)
                     key = (id(kernel), arch, repr(signature), repr(constexprs), repr(attrs), repr(options))
@@ -163,7 +187,13 @@ def main(archs):
                         ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
                     )
                     compiled[key] = label
-                    results[label] = "ok" if binary.asm.get("cubin") else "no cubin"
+                    shared = binary.metadata.shared
+                    if not binary.asm.get("cubin"):
+                        results[label] = "no cubin"
+                    elif shared > SHARED_MEMORY[arch]:
+                        results[label] = f"needs {shared} bytes of shared memory, sm{arch} has {SHARED_MEMORY[arch]}"
+                    else:
+                        results[label] = "ok"
                 except Exception as exc:  # reported per case by the test
                     results[label] = f"{type(exc).__name__}: {exc}"
     print(json.dumps(results))

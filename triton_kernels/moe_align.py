@@ -88,6 +88,7 @@ def _place(
     dense_base_ptr,
     padded_base_ptr,
     sorted_ptr,
+    position_ptr,
     padded_ptr,
     chunk,
     slots,
@@ -109,7 +110,9 @@ def _place(
     row = chunk * (E + 1) + bucket
     if DENSE:
         real = bucket <= E
-        tl.store(sorted_ptr + tl.load(dense_base_ptr + row, mask=real, other=0) + rank, slot, mask=real)
+        at = tl.load(dense_base_ptr + row, mask=real, other=0) + rank
+        tl.store(sorted_ptr + at, slot, mask=real)
+        tl.store(position_ptr + slot, at, mask=real)  # the inverse permutation
     if PADDED:
         routed = bucket < E
         tl.store(padded_ptr + tl.load(padded_base_ptr + row, mask=routed, other=0) + rank, slot, mask=routed)
@@ -184,6 +187,7 @@ def _place_kernel(
     offsets_ptr,
     padded_start_ptr,
     sorted_ptr,
+    position_ptr,
     padded_ptr,
     block_expert_ptr,
     padded_length_ptr,
@@ -201,8 +205,8 @@ def _place_kernel(
 ):
     program = tl.program_id(0)
     if program < chunks:
-        _place(ids_ptr, dense_base_ptr, padded_base_ptr, sorted_ptr, padded_ptr, program, slots, E, CHUNK, SUB,
-               DENSE, PADDED)  # fmt: skip
+        _place(ids_ptr, dense_base_ptr, padded_base_ptr, sorted_ptr, position_ptr, padded_ptr, program, slots, E,
+               CHUNK, SUB, DENSE, PADDED)  # fmt: skip
     if PADDED:
         _fill(offsets_ptr, padded_start_ptr, padded_ptr, block_expert_ptr, padded_length_ptr, program,
               tl.num_programs(0), slots, E, block_size, capacity, BINS, FILL)  # fmt: skip
@@ -217,6 +221,7 @@ def _one_chunk_kernel(
     offsets_ptr,
     padded_start_ptr,
     sorted_ptr,
+    position_ptr,
     padded_ptr,
     block_expert_ptr,
     padded_length_ptr,
@@ -238,7 +243,8 @@ def _one_chunk_kernel(
     _scan(counts_ptr, dense_base_ptr, padded_base_ptr, offsets_ptr, padded_start_ptr, 1, E, block_size, BINS, 1,
           PADDED)  # fmt: skip
     tl.debug_barrier()
-    _place(ids_ptr, dense_base_ptr, padded_base_ptr, sorted_ptr, padded_ptr, 0, slots, E, CHUNK, SUB, DENSE, PADDED)
+    _place(ids_ptr, dense_base_ptr, padded_base_ptr, sorted_ptr, position_ptr, padded_ptr, 0, slots, E, CHUNK, SUB,
+           DENSE, PADDED)  # fmt: skip
     if PADDED:
         _fill(offsets_ptr, padded_start_ptr, padded_ptr, block_expert_ptr, padded_length_ptr, 0, 1, slots, E,
               block_size, capacity, BINS, FILL)  # fmt: skip
@@ -247,8 +253,9 @@ def _one_chunk_kernel(
 def align(
     topk_ids: torch.Tensor, num_experts: int, block_size: int, dense: bool, chunk: int = CHUNK
 ) -> tuple[torch.Tensor, ...]:
-    """(sorted_ids [T*k] or [0] without ``dense``, offsets [E+1], padded_ids [P], block_expert [P / block_size],
-    padded_length [1]); the padded outputs are empty when block_size is 0. Layouts as netmerge_fast.moe_align."""
+    """(sorted_ids [T*k], positions [T*k] (where each slot sits in sorted_ids), offsets [E+1], padded_ids [P],
+    block_expert [P / block_size], padded_length [1]); the first two are empty without ``dense``, the padded ones
+    when block_size is 0. Layouts as netmerge_fast.moe_align."""
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
@@ -259,14 +266,14 @@ def align(
     capacity = slots + E * (block_size - 1) if padded else 0
     chunks = triton.cdiv(slots, chunk)
     new = lambda *shape: torch.empty(shape, dtype=torch.int32, device=device)
-    sorted_ids = new(slots if dense else 0)
+    sorted_ids, positions = new(slots if dense else 0), new(slots if dense else 0)
     offsets = new(E + 1)
     padded_ids, block_expert, padded_length = new(capacity), new(capacity // block_size), new(1 if padded else 0)
     counts, dense_base, padded_base = (new(max(chunks, 1), E + 1) for _ in range(3))
     padded_start = new(E + 1)
     bins = triton.next_power_of_2(E + 2)
     flags = {"CHUNK": chunk, "SUB": min(_SUB, chunk), "BINS": bins, "FILL": _FILL, "DENSE": dense, "PADDED": padded}
-    outputs = (sorted_ids, padded_ids, block_expert, padded_length)
+    outputs = (sorted_ids, positions, padded_ids, block_expert, padded_length)
     if chunks <= 1:
         torch.library.wrap_triton(_one_chunk_kernel)[(1,)](
             ids, counts, dense_base, padded_base, offsets, padded_start, *outputs, slots, E, block_size, capacity,
@@ -283,7 +290,7 @@ def align(
             ids, dense_base, padded_base, offsets, padded_start, *outputs, chunks, slots, E, block_size, capacity,
             **flags,
         )  # fmt: skip
-    return sorted_ids, offsets, padded_ids, block_expert, padded_length
+    return sorted_ids, positions, offsets, padded_ids, block_expert, padded_length
 
 
 @torch.library.triton_op("netmerge::moe_align_triton", mutates_args=())
@@ -292,8 +299,9 @@ def moe_align_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """moe_align's outputs: (sorted_ids, offsets, empty, empty) for block_size 0, else (padded_ids, offsets,
     block_expert, padded_length)."""
-    sorted_ids, offsets, padded_ids, block_expert, padded_length = align(topk_ids, num_experts, block_size,
-                                                                         dense=block_size == 0)  # fmt: skip
+    sorted_ids, _, offsets, padded_ids, block_expert, padded_length = align(
+        topk_ids, num_experts, block_size, dense=block_size == 0
+    )
     if block_size:
         return padded_ids, offsets, block_expert, padded_length
     return sorted_ids, offsets, block_expert, padded_length
