@@ -54,7 +54,7 @@ def test_topk_gating_and_moe_experts_capture(T):
         weights, ids = nf.topk_gating(logits, k)
         return (nf.moe_experts(hidden, w_gate_up, w_down, weights, ids),)
 
-    inputs = lambda: (  # noqa: E731
+    inputs = lambda: (
         torch.randn(T, E, device="cuda", generator=g),
         torch.randn(T, H, device="cuda", generator=g).bfloat16(),
     )
@@ -67,7 +67,9 @@ def test_sparse_moe_forward_capture(shared):
     moe = moe.cuda().bfloat16().eval()
     g = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
-        _replay_matches_eager(lambda x: (moe(x),), lambda: (torch.randn(4, 37, 256, device="cuda", generator=g).bfloat16(),))
+        _replay_matches_eager(
+            lambda x: (moe(x),), lambda: (torch.randn(4, 37, 256, device="cuda", generator=g).bfloat16(),)
+        )
 
 
 def test_combine_logits_capture():
