@@ -39,6 +39,7 @@ _OPS: dict[str, tuple[_Impl, ...]] = {
     "moe_align": (_Impl("triton"), _Impl("cpu"), _Impl("torch", None)),
     # float64 on cpu: gradcheck of the fused path.
     "moe_experts": (_Impl("triton"), _Impl("cpu", (*FUSED_DTYPES, torch.float64)), _Impl("torch", None)),
+    "grouped_linear": (_Impl("triton"), _Impl("cpu", (*FUSED_DTYPES, torch.float64)), _Impl("torch", None)),
     "logit_statistics": (_Impl("cuda"), _Impl("cpu"), _Impl("torch", None)),
     "combine_logits": (_Impl("cuda"), _Impl("cpu"), _Impl("torch", None)),
 }

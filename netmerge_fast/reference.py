@@ -14,6 +14,7 @@ __all__ = [
     "combine_logits",
     "combine_with_winner",
     "compute_dtype",
+    "grouped_linear",
     "logit_statistics",
     "moe_align",
     "moe_experts",
@@ -445,3 +446,39 @@ def combine_logits(
     else:
         winner = torch.full((B,), -1, dtype=torch.int64, device=x.device)
     return combine_with_winner(x, class_counts, method, winner), winner
+
+
+# Activations of grouped_linear's single-layer experts: "none" (identity) and the element-wise ones.
+LINEAR_ACTIVATIONS = ("none", "relu", "silu", "gelu", "gelu_tanh")
+
+
+def linear_activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    return x if name == "none" else elementwise_activation(name, x)
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "relu",
+) -> torch.Tensor:
+    dtype = compute_dtype(x)
+    T, k = topk_ids.shape
+    per_slot = x.new_zeros(T, k, weight.shape[1], dtype=dtype)
+    for e in range(weight.shape[0]):
+        token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        y = x[token].to(dtype) @ weight[e].to(dtype).T
+        if bias is not None:
+            y = y + bias[e].to(dtype)
+        y = linear_activation(activation, y) * topk_weights[token, slot, None].to(dtype)
+        per_slot = per_slot.index_put((token, slot), y)
+    if per_slot.grad_fn is None and torch.is_grad_enabled():
+        # Nothing was routed: the output is still a function of the inputs, with zero gradients.
+        inputs = (x, weight, bias, topk_weights)
+        per_slot = per_slot + sum(0.0 * t.sum() for t in inputs if t is not None and t.requires_grad)
+    return per_slot.sum(1).to(x.dtype)
