@@ -106,7 +106,8 @@ def moe_experts(
 
     Determinism: slots are grouped by expert in increasing slot order and every output row sums its k
     contributions in slot order in float32, without atomics: the same input gives bit-identical output on the
-    same backend and machine. The intermediate activation is rounded to hidden's dtype, as in nn.Linear.
+    same backend and machine. The intermediate activation is rounded to hidden's dtype, as in nn.Linear (on the
+    triton backend each slot's weighted output too, before the float32 sum).
 
     Gradients flow to hidden, both weights, both biases and topk_weights on every backend (one backward, built
     from each backend's grouped GEMMs). Errors name the argument: mismatched weight shapes, ids out of

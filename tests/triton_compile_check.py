@@ -78,60 +78,67 @@ def topk_cases():
 
 
 # (T, k, E, H, I, activation, gated, has_bias, apply_weights_on_input): the standard shapes, prefill and decode.
-MOE_CASES = {
+MOE_SHAPES = {
     "mixtral_prefill": (4096, 2, 8, 4096, 14336, "silu", True, False, False),
     "mixtral_batch32": (32, 2, 8, 4096, 14336, "silu", True, False, False),
     "qwen3_prefill": (4096, 8, 128, 2048, 768, "silu", True, False, False),
     "qwen3_decode": (1, 8, 128, 2048, 768, "silu", True, False, False),
-    "gpt_oss_prefill": (512, 4, 32, 2880, 2880, "swiglu_oai", True, True, False),
-    "gpt_oss_native_decode": (4, 4, 32, 2880, 2880, "swiglu_oai", True, True, False),
     "gpt_oss_native_prefill": (512, 4, 32, 2880, 2880, "swiglu_oai", True, True, False),
+    "gpt_oss_native_decode": (4, 4, 32, 2880, 2880, "swiglu_oai", True, True, False),
     "gelu_ungated_on_input_decode": (1, 4, 8, 256, 512, "gelu", False, True, True),
-    "gelu_tanh_prefill": (512, 2, 16, 256, 512, "gelu_tanh", True, False, False),
-    "relu_ungated_prefill": (512, 2, 16, 256, 512, "relu", False, False, True),
+    "relu_ungated_on_input_prefill": (512, 2, 16, 256, 512, "relu", False, False, True),
 }
+# (shape, dtype, save for the backward, the backward's grouped GEMMs): each kernel in each dtype, each path
+# (per slot with split K, small and large row blocks, the layouts, SAVE), within a few minutes of compiling.
+# moe_align's kernels come with them: one chunk and many, dense, padded and both, as moe_experts launches them.
+MOE_CASES = [
+    *(("qwen3_prefill", dtype, False, True) for dtype in DTYPES),
+    ("qwen3_prefill", "bf16", True, False),
+    *(("qwen3_decode", dtype, False, False) for dtype in DTYPES),
+    ("qwen3_decode", "bf16", True, False),
+    ("mixtral_batch32", "bf16", False, False),
+    ("mixtral_prefill", "bf16", False, False),
+    ("gpt_oss_native_prefill", "bf16", True, False),
+    ("gpt_oss_native_decode", "bf16", False, False),
+    ("gelu_ungated_on_input_decode", "bf16", False, False),
+    ("relu_ungated_on_input_prefill", "bf16", True, False),
+]
 
 
 def moe_cases():
-    for name, (T, k, E, H, inter, activation, gated, has_bias, on_input) in MOE_CASES.items():
+    for name, dtype_name, save, backward in MOE_CASES:
+        T, k, E, H, inter, activation, gated, has_bias, on_input = MOE_SHAPES[name]
+        dtype = DTYPES[dtype_name]
         width = 2 * inter if gated else inter
-        # Every case in bfloat16; the first prefill and decode shapes in each dtype too.
-        dtypes = DTYPES if name in ("qwen3_prefill", "qwen3_decode", "mixtral_batch32") else {"bf16": torch.bfloat16}
         native = "native" in name  # GPT-OSS's own layout: [E, H, 2I] and [E, I, H] read transposed, interleaved
-        for dtype_name, dtype in dtypes.items():
-            if native:
-                w_gate_up = meta(E, H, width, dtype=dtype).transpose(1, 2)
-                w_down = meta(E, inter, H, dtype=dtype).transpose(1, 2)
-            else:
-                w_gate_up, w_down = meta(E, width, H, dtype=dtype), meta(E, H, inter, dtype=dtype)
-            b_gate_up, b_down = (meta(E, width, dtype=dtype), meta(E, H, dtype=dtype)) if has_bias else (None, None)
-            for save in (False, True):
-                call = (meta(T, H, dtype=dtype), w_gate_up, w_down, meta(T, k), meta(T, k, dtype=torch.int32),
-                        activation, gated, b_gate_up, b_down, on_input, save, native)  # fmt: skip
-                yield f"moe_experts/{name}/{dtype_name}/save={save}", moe_experts.moe_experts_triton, call
-            if native:
-                continue
-            # The backward's grouped GEMMs on the expert-sorted rows.
-            S = T * k
-            offsets = meta(E + 1, dtype=torch.int32)
-            grouped = (
-                ("down_grad", (meta(S, H, dtype=dtype), w_down, offsets)),
-                ("up_grad", (meta(S, width, dtype=dtype), w_gate_up, offsets)),
-            )
-            for what, call in grouped:
-                yield f"grouped_mm/{name}/{what}/{dtype_name}", moe_experts.grouped_mm_triton, call
-            weight_grads = (
-                ("w_down", (meta(S, H, dtype=dtype), meta(S, inter, dtype=dtype), offsets)),
-                ("w_gate_up", (meta(S, width, dtype=dtype), meta(S, H, dtype=dtype), offsets)),
-                ("bias", (meta(S, 1, dtype=dtype), meta(S, H, dtype=dtype), offsets)),
-            )
-            for what, call in weight_grads:
-                yield f"weight_grad/{name}/{what}/{dtype_name}", moe_experts.grouped_mm_weight_grad_triton, call
-    for id_dtype in (torch.int32, torch.int64):
-        for T in (16, 4096):  # one chunk (a single launch) and many
-            for block_size in (0, 1, 64):
-                call = (meta(T, 8, dtype=id_dtype), 128, block_size)
-                yield f"moe_align/T={T}/{id_dtype}/block={block_size}", moe_align.moe_align_triton, call
+        if native:
+            w_gate_up = meta(E, H, width, dtype=dtype).transpose(1, 2)
+            w_down = meta(E, inter, H, dtype=dtype).transpose(1, 2)
+        else:
+            w_gate_up, w_down = meta(E, width, H, dtype=dtype), meta(E, H, inter, dtype=dtype)
+        b_gate_up, b_down = (meta(E, width, dtype=dtype), meta(E, H, dtype=dtype)) if has_bias else (None, None)
+        call = (meta(T, H, dtype=dtype), w_gate_up, w_down, meta(T, k), meta(T, k, dtype=torch.int32), activation,
+                gated, b_gate_up, b_down, on_input, save, native)  # fmt: skip
+        yield f"moe_experts/{name}/{dtype_name}/save={save}", moe_experts.moe_experts_triton, call
+        if not backward:
+            continue
+        S = T * k
+        offsets = meta(E + 1, dtype=torch.int32)
+        grouped = (
+            ("down_grad", (meta(S, H, dtype=dtype), w_down, offsets)),
+            ("up_grad", (meta(S, width, dtype=dtype), w_gate_up, offsets)),
+        )
+        for what, call in grouped:
+            yield f"grouped_mm/{name}/{what}/{dtype_name}", moe_experts.grouped_mm_triton, call
+        weight_grads = (
+            ("w_down", (meta(S, H, dtype=dtype), meta(S, inter, dtype=dtype), offsets)),
+            ("w_gate_up", (meta(S, width, dtype=dtype), meta(S, H, dtype=dtype), offsets)),
+            ("bias", (meta(S, 1, dtype=dtype), meta(S, H, dtype=dtype), offsets)),
+        )
+        for what, call in weight_grads:
+            yield f"weight_grad/{name}/{what}/{dtype_name}", moe_experts.grouped_mm_weight_grad_triton, call
+    # The public moe_align on int64 ids (routers' default; moe_experts' cases above pass int32).
+    yield "moe_align/int64/block=64", moe_align.moe_align_triton, (meta(4096, 8, dtype=torch.int64), 128, 64)
 
 
 def cases():
