@@ -1,5 +1,6 @@
 """moe_experts on every backend against netmerge_fast.reference: values, gradients, determinism, errors."""
 
+import json
 import math
 
 import pytest
@@ -311,6 +312,66 @@ def test_torch_backend_grouped_gemm_path(options, dtype, gen):
         scale = max(want.grad.abs().amax().item(), 1.0)
         tol = {"rtol": 1e-4, "atol": 1e-5 * scale} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2 * scale}
         torch.testing.assert_close(got.grad.float(), want.grad.float(), **tol)
+
+
+def _triton_kernels():
+    if "triton" not in FUSED:
+        pytest.skip("needs the triton backend")
+    from netmerge_fast.triton_kernels import moe_configs, moe_experts
+
+    return moe_configs, moe_experts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_config_table_and_split_k(dtype, gen, tmp_path, monkeypatch):
+    """A per-device table in $NETMERGE_TRITON_CONFIGS serves its layer (here BLOCK_M 16 and both GEMMs' K loops
+    split 3 ways, reduced in a fixed order): values and gradients as the reference, deterministic."""
+    moe_configs, kernels = _triton_kernels()
+    T, k, E, H, inter = 12, 2, 4, 64, 40
+    tiles = {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 2, "SPLIT_K": 3}
+    entry = {"16": {"BLOCK_M": 16, "up": tiles, "down": tiles}}
+    capability, _ = moe_configs.device_properties(torch.device(device_for("triton")))
+    table = {moe_configs.layer_key(E, 2 * inter, H, dtype): entry}
+    moe_configs.table_path(capability, tmp_path).write_text(json.dumps(table))
+    monkeypatch.setenv("NETMERGE_TRITON_CONFIGS", str(tmp_path))
+    config = kernels.launch_config(T * k, E, H, inter, dtype=dtype, device=torch.device(device_for("triton")))
+    assert config["BLOCK_M"] == 16 and config["up"]["SPLIT_K"] == config["down"]["SPLIT_K"] == 3
+    # H = 64: 4 K steps in splits of 2, 2 and none; I = 40: 3 steps of 16, the last one ragged.
+    assert config["up"]["EVEN_K"] and not config["down"]["EVEN_K"]
+    args, kwargs = make_inputs(gen, T, k, E, H, inter, dtype=dtype, bias=True, routed_nowhere=0.1)
+    first = check("triton", args, kwargs, dtype)
+    assert torch.equal(nf.moe_experts(*args, backend="triton", **kwargs), first)
+    check_gradients("triton", dtype, (T, k, E, H, inter), {"bias": True}, gen)
+
+
+def test_triton_chunks_long_inference_calls(gen, monkeypatch):
+    """Inference calls above CHUNK_TOKENS run chunk by chunk (here chunks of 5 tokens, the last one short)."""
+    _, kernels = _triton_kernels()
+    monkeypatch.setattr(kernels, "CHUNK_TOKENS", 5)
+    args, kwargs = make_inputs(gen, 13, 2, 4, 16, 8, bias=True, routed_nowhere=0.1)
+    with torch.no_grad():
+        check("triton", args, kwargs)
+
+
+def test_triton_gate_up_interleaved(gen):
+    """The launcher reads gate and up interleaved along 2I (GPT-OSS: gate even, up odd), its bias likewise, and
+    keeps the saved pre-activation in that column order."""
+    _, kernels = _triton_kernels()
+    for T in (1, 9):  # per slot, aligned
+        args, kwargs = make_inputs(gen, T, 2, 4, 16, 8, bias=True)
+        hidden, w_gate_up, w_down, weights, ids = args
+        interleave = lambda t: torch.stack([t[:, :8], t[:, 8:]], 2).flatten(1, 2)
+        w_mixed, b_mixed = interleave(w_gate_up), interleave(kwargs["b_gate_up"])
+        out, _, _, gate_up = kernels.moe_experts_triton(
+            hidden, w_mixed, w_down, weights, ids, "swiglu_oai", True, b_mixed, kwargs["b_down"], False, True, True
+        )
+        expected = reference.moe_experts(*args, activation="swiglu_oai", **kwargs)
+        torch.testing.assert_close(out, expected, **tolerance(torch.float32, expected))
+        _, _, _, plain = kernels.moe_experts_triton(
+            hidden, w_gate_up, w_down, weights, ids, "swiglu_oai", True, kwargs["b_gate_up"], kwargs["b_down"], False,
+            True,
+        )  # fmt: skip
+        torch.testing.assert_close(gate_up, interleave(plain))
 
 
 @pytest.mark.skipif("cpu" not in FUSED, reason="needs the cpu backend")
