@@ -256,19 +256,7 @@ def _layer_rows(shape, device, timer, tokens, limits, dry_run):
         return []
     dtype = torch.bfloat16
     generator = torch.Generator().manual_seed(1)
-    torch.manual_seed(0)
-    block, config, ours, rename = layer_bench.hf_block(shape)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.02)
-        block.to(device=device, dtype=dtype)
-        state = {}
-        for key, value in block.state_dict().items():
-            for old, new in rename.items():
-                key = key.replace(old, new)
-            state[key] = value
-        ours.load_state_dict(state)
-        ours.to(device=device, dtype=dtype)
+    block, config, ours = layer_bench.loaded_pair(shape, device, dtype)
     if dry_run:  # the Triton kernels, through the interpreter
         for module in ours.modules():
             if hasattr(module, "backend"):
