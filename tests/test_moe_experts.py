@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -342,6 +343,34 @@ def test_triton_config_table_and_split_k(dtype, gen, tmp_path, monkeypatch):
     first = check("triton", args, kwargs, dtype)
     assert torch.equal(nf.moe_experts(*args, backend="triton", **kwargs), first)
     check_gradients("triton", dtype, (T, k, E, H, inter), {"bias": True}, gen)
+
+
+def test_triton_tuner_writes_a_table_the_kernels_read(gen, tmp_path, monkeypatch):
+    """moe_configs.tune (triton.autotune over candidates; timed here by a CPU clock, through the interpreter)
+    picks tiles for a layer; save writes them; the launcher reads them back and computes with them."""
+    moe_configs, kernels = _triton_kernels()
+
+    def cpu_timer(call, quantiles):
+        start = time.perf_counter()
+        call()
+        return [(time.perf_counter() - start) * 1e3] * len(quantiles)
+
+    E, H, inter, device = 4, 32, 16, torch.device(device_for("triton"))
+    candidates = [
+        {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 1, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2},
+    ]
+    entry = moe_configs.tune(E, H, inter, torch.float32, buckets=(4,), block_ms=(16, 32), candidates=candidates,
+                             device=device, do_bench=cpu_timer)  # fmt: skip
+    assert set(entry) == {"4"} and entry["4"]["BLOCK_M"] in (16, 32)
+    assert entry["4"]["up"] in candidates and entry["4"]["down"] in candidates
+    capability, _ = moe_configs.device_properties(device)
+    moe_configs.save(entry, E, 2 * inter, H, torch.float32, capability, tmp_path)
+    monkeypatch.setenv("NETMERGE_TRITON_CONFIGS", str(tmp_path))
+    config = kernels.launch_config(16, E, H, inter, dtype=torch.float32, device=device)
+    assert config["BLOCK_M"] == entry["4"]["BLOCK_M"] and config["up"]["BLOCK_N"] == entry["4"]["up"]["BLOCK_N"]
+    args, kwargs = make_inputs(gen, 8, 2, E, H, inter, bias=True)
+    check("triton", args, kwargs)
 
 
 def test_triton_chunks_long_inference_calls(gen, monkeypatch):

@@ -125,35 +125,59 @@ _CANDIDATES_TILES = [
 ]
 
 
-def tune(E: int, H: int, inter: int, dtype: torch.dtype, *, gated: bool = True, buckets=BUCKETS, top_k: int = 2):
-    """Measure the candidate tiles for one layer on the current GPU and return its table entry.
+def tune(
+    E: int,
+    H: int,
+    inter: int,
+    dtype: torch.dtype,
+    *,
+    gated: bool = True,
+    top_k: int = 2,
+    buckets=BUCKETS,
+    block_ms=_CANDIDATES_M,
+    candidates=_CANDIDATES_TILES,
+    device: torch.device | None = None,
+    do_bench=None,
+) -> dict:
+    """Measure candidate tiles for one layer and return its table entry (see the module docstring).
 
     For each rows-per-expert bucket and BLOCK_M, ``triton.autotune`` picks the fastest tiles of each GEMM (its
-    own timing, median of repeats); the BLOCK_M whose two GEMMs take least wins.
+    own timer, or ``do_bench``); the BLOCK_M whose two GEMMs take least wins. On the current GPU by default.
     """
     from netmerge_fast.triton_kernels import moe_experts as kernels
 
-    device = torch.device("cuda")
+    device = device or torch.device("cuda", torch.cuda.current_device())
     width = 2 * inter if gated else inter
-    w_gate_up = torch.randn(E, width, H, device=device, dtype=dtype) * H**-0.5
-    w_down = torch.randn(E, H, inter, device=device, dtype=dtype) * inter**-0.5
+    w_gate_up = torch.randn(E, width, H, device=device).to(dtype) * H**-0.5
+    w_down = torch.randn(E, H, inter, device=device).to(dtype) * inter**-0.5
     entry = {}
     for rows in buckets:
         T = max(1, rows * E // top_k)
         if T * top_k <= E:
             continue  # served by the per-slot path
-        hidden = torch.randn(T, H, device=device, dtype=dtype)
+        hidden = torch.randn(T, H, device=device).to(dtype)
         ids = torch.stack([torch.randperm(E, device=device)[:top_k] for _ in range(T)]).int()
         weights = torch.rand(T, top_k, device=device)
         best = None
-        for block_m in _CANDIDATES_M:
+        for block_m in block_ms:
             seconds, tiles = kernels.tune_block_m(
-                hidden, w_gate_up, w_down, weights, ids, gated, block_m, _CANDIDATES_TILES
+                hidden, w_gate_up, w_down, weights, ids, gated, block_m, candidates, do_bench=do_bench
             )
             if best is None or seconds < best[0]:
                 best = (seconds, {"BLOCK_M": block_m, **tiles})
         entry[str(rows)] = best[1]
     return entry
+
+
+def save(entry: dict, E: int, N: int, K: int, dtype: torch.dtype, capability, directory: Path) -> Path:
+    """Adds one layer's entry to the table of a device capability in ``directory``; returns the file."""
+    path = table_path(capability, directory)
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    table[layer_key(E, N, K, dtype)] = entry
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    _table.cache_clear()
+    return path
 
 
 def main(argv=None) -> int:
@@ -171,15 +195,10 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     directory = args.out or Path(os.environ.get("NETMERGE_TRITON_CONFIGS", CONFIG_DIR))
     capability, _ = device_properties(torch.device("cuda", torch.cuda.current_device()))
-    path = table_path(capability, directory)
-    table = json.loads(path.read_text()) if path.is_file() else {}
     gated = not args.ungated
+    entry = tune(args.experts, args.hidden, args.intermediate, dtype, gated=gated, top_k=args.top_k)
     N = args.intermediate * (2 if gated else 1)
-    table[layer_key(args.experts, N, args.hidden, dtype)] = tune(
-        args.experts, args.hidden, args.intermediate, dtype, gated=gated, top_k=args.top_k
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    path = save(entry, args.experts, N, args.hidden, dtype, capability, directory)
     print(f"wrote {path} ({torch.cuda.get_device_name()})")
     return 0
 

@@ -518,9 +518,10 @@ def _experts(
     return out, sorted_ids, offsets, gate_up
 
 
-def tune_block_m(hidden, w_gate_up, w_down, weights, ids, gated, block_m, candidates):
+def tune_block_m(hidden, w_gate_up, w_down, weights, ids, gated, block_m, candidates, do_bench=None):
     """(seconds, {"up": tiles, "down": tiles}): triton.autotune's pick for each GEMM at one BLOCK_M (moe_configs'
-    tuner; on a GPU). The activation is silu; tiles do not depend on it."""
+    tuner, on a GPU; ``do_bench`` replaces Triton's timer, e.g. in a test). The activation is silu; tiles do not
+    depend on it."""
     H = hidden.shape[1]
     E, inter = w_down.shape[0], w_down.shape[2]
     slots = ids.numel()
@@ -540,7 +541,7 @@ def tune_block_m(hidden, w_gate_up, w_down, weights, ids, gated, block_m, candid
                         dict(tiles, EVEN_K=k % c["BLOCK_K"] == 0), num_warps=c["num_warps"], num_stages=c["num_stages"]
                     )
                 )
-        tuned = triton.autotune(configs=configs, key=[])(kernel)
+        tuned = triton.autotune(configs=configs, key=[], do_bench=do_bench)(kernel)
         grid = lambda meta, n=n: (blocks_m * triton.cdiv(n, meta["BLOCK_N"]), 1)
         if gemm == "up":
             tuned[grid](
@@ -557,7 +558,8 @@ def tune_block_m(hidden, w_gate_up, w_down, weights, ids, gated, block_m, candid
         best = tuned.best_config
         result[gemm] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
         result[gemm].pop("EVEN_K")
-        total += tuned.configs_timings[best][0] if getattr(tuned, "configs_timings", None) else 0.0
+        timings = getattr(tuned, "configs_timings", None)  # absent when one config is left: nothing to compare
+        total += timings[best][0] * 1e-3 if timings else 0.0
     return total, result
 
 
