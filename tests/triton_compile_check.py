@@ -16,6 +16,8 @@ Prints one JSON object: {"<kernel>/<case>/sm<arch>": "ok" | "<error>"}. Used by 
 """
 
 import json
+import multiprocessing
+import os
 import sys
 from contextlib import contextmanager
 
@@ -173,8 +175,25 @@ def specialise(kernel, args, kwargs, target):
     return signature, constexprs, attrs, options
 
 
+_JOBS = []  # (label, kernel, arch, signature, constexprs, attrs, options): read by the forked workers
+
+
+def compile_job(index: int) -> tuple[str, str]:
+    label, kernel, arch, signature, constexprs, attrs, options = _JOBS[index]
+    try:
+        target = GPUTarget("cuda", arch, 32)
+        binary = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
+    except Exception as exc:  # reported per case by the test
+        return label, f"{type(exc).__name__}: {exc}"
+    if not binary.asm.get("cubin"):
+        return label, "no cubin"
+    if binary.metadata.shared > SHARED_MEMORY[arch]:
+        return label, f"needs {binary.metadata.shared} bytes of shared memory, sm{arch} has {SHARED_MEMORY[arch]}"
+    return label, "ok"
+
+
 def main(archs):
-    results, compiled = {}, {}
+    results, seen = {}, set()
     for name, op, call in cases():
         for arch in archs:
             try:
@@ -182,27 +201,23 @@ def main(archs):
             except Exception as exc:  # reported per case by the test
                 results[f"{name}/launcher/sm{arch}"] = f"{type(exc).__name__}: {exc}"
                 continue
-            target = GPUTarget("cuda", arch, 32)
             for kernel, args, kwargs in launches:
                 label = f"{kernel.fn.__name__}/{name}/sm{arch}"
                 try:
-                    signature, constexprs, attrs, options = specialise(kernel, args, kwargs, target)
-                    key = (id(kernel), arch, repr(signature), repr(constexprs), repr(attrs), repr(options))
-                    if key in compiled:
-                        continue
-                    binary = triton.compile(
-                        ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+                    signature, constexprs, attrs, options = specialise(
+                        kernel, args, kwargs, GPUTarget("cuda", arch, 32)
                     )
-                    compiled[key] = label
-                    shared = binary.metadata.shared
-                    if not binary.asm.get("cubin"):
-                        results[label] = "no cubin"
-                    elif shared > SHARED_MEMORY[arch]:
-                        results[label] = f"needs {shared} bytes of shared memory, sm{arch} has {SHARED_MEMORY[arch]}"
-                    else:
-                        results[label] = "ok"
                 except Exception as exc:  # reported per case by the test
                     results[label] = f"{type(exc).__name__}: {exc}"
+                    continue
+                key = (id(kernel), arch, repr(signature), repr(constexprs), repr(attrs), repr(options))
+                if key not in seen:
+                    seen.add(key)
+                    _JOBS.append((label, kernel, arch, signature, constexprs, attrs, options.__dict__))
+    # Compiling is the slow part (seconds per GEMM kernel): one forked worker per CPU this process may use.
+    workers = min(len(os.sched_getaffinity(0)), 4)
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        results.update(pool.map(compile_job, range(len(_JOBS)), chunksize=1))
     print(json.dumps(results))
 
 
