@@ -15,8 +15,11 @@ TORCH_LIBRARY(netmerge, m) {
   m.def(
       "moe_experts(Tensor hidden, Tensor w_gate_up, Tensor w_down, Tensor topk_weights, Tensor topk_ids, "
       "str activation, bool gated, Tensor? b_gate_up, Tensor? b_down, bool apply_weights_on_input, "
-      "bool save_gate_up) -> "
+      "bool save_gate_up, bool gate_up_interleaved=False) -> "
       "(Tensor out, Tensor sorted_token_ids, Tensor expert_offsets, Tensor gate_up)");
+  m.def(
+      "apply_capacity(Tensor topk_ids, Tensor? priority, int num_experts, int capacity, str order, "
+      "int group_size) -> (Tensor ids, Tensor dropped)");
   m.def("grouped_mm(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor");
   m.def("grouped_mm_weight_grad(Tensor a, Tensor b, Tensor expert_offsets) -> Tensor");
   // logits: one packed [B, sum C] tensor, or one [B, C_i] tensor per expert.
@@ -30,6 +33,7 @@ TORCH_LIBRARY_IMPL(netmerge, CPU, m) {
   m.impl("topk_gating", &netmerge::cpu::topk_gating);
   m.impl("moe_align", &netmerge::cpu::moe_align);
   m.impl("moe_experts", &netmerge::cpu::moe_experts);
+  m.impl("apply_capacity", &netmerge::cpu::apply_capacity);
   m.impl("grouped_mm", &netmerge::cpu::grouped_mm);
   m.impl("grouped_mm_weight_grad", &netmerge::cpu::grouped_mm_weight_grad);
   m.impl("logit_statistics", &netmerge::cpu::logit_statistics);

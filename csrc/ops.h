@@ -22,7 +22,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     const at::Tensor& hidden, const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& topk_weights,
     const at::Tensor& topk_ids, c10::string_view activation, bool gated, const std::optional<at::Tensor>& b_gate_up,
-    const std::optional<at::Tensor>& b_down, bool apply_weights_on_input, bool save_gate_up);
+    const std::optional<at::Tensor>& b_down, bool apply_weights_on_input, bool save_gate_up,
+    bool gate_up_interleaved);
+
+std::tuple<at::Tensor, at::Tensor> apply_capacity(const at::Tensor& topk_ids, const std::optional<at::Tensor>& priority,
+                                                  int64_t num_experts, int64_t capacity, c10::string_view order,
+                                                  int64_t group_size);
 
 at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& expert_offsets);
 

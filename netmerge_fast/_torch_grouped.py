@@ -64,11 +64,16 @@ def moe_experts(
     b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
     apply_weights_on_input: bool = False,
+    transposed: bool = False,
+    gate_up_interleaved: bool = False,
 ) -> torch.Tensor:
-    """moe_experts (see netmerge_fast.moe_experts) on torch's grouped GEMM; inputs as ``supports`` accepts."""
+    """moe_experts (see netmerge_fast.moe_experts) on torch's grouped GEMM; inputs as ``supports`` accepts (in the
+    nn.Linear layout; ``transposed`` weights are passed to it as their transposes)."""
     grouped_mm = grouped_mm_function()
+    if transposed:  # nn.Linear-shaped views [E, out, in]: the GEMM reads either layout by strides
+        w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
     T, k = topk_ids.shape
-    E, inter = w_down.shape[0], w_down.shape[2]
+    E = w_down.shape[0]
     dtype = hidden.dtype
     flat = topk_ids.reshape(-1).long()
     bucket = torch.where((flat >= 0) & (flat < E), flat, E)  # slots routed nowhere sort last
@@ -93,7 +98,7 @@ def moe_experts(
         pre = (pre.float() + rows_bias(b_gate_up)).to(dtype)
     pre = pre.float()
     if gated:
-        act = reference.gated_activation(activation, pre[:, :inter], pre[:, inter:])
+        act = reference.gated_activation(activation, *reference.split_gate_up(pre, gate_up_interleaved))
     else:
         act = reference.elementwise_activation(activation, pre)
     y = grouped_mm(act.to(dtype), w_down.transpose(1, 2), offs=ends).float()

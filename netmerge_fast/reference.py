@@ -11,6 +11,7 @@ import functools
 import torch
 
 __all__ = [
+    "apply_capacity",
     "combine_logits",
     "combine_with_winner",
     "compute_dtype",
@@ -20,6 +21,7 @@ __all__ = [
     "moe_experts",
     "softmax_with_limits",
     "topk_gating",
+    "topk_weights",
 ]
 
 RENORM_EPS = 1e-20
@@ -94,8 +96,9 @@ def topk_gating(
         group_allowed = torch.zeros(T, num_groups, dtype=torch.bool, device=x.device).scatter(1, best_groups, True)
         allowed = group_allowed.repeat_interleave(E // num_groups, dim=1)
 
-    # Rank by key (ties to the lower index), then move every disallowed expert behind the allowed ones.
-    order = _stable_descending_order(key)
+    # Rank the allowed experts by key (ties to the lower index), then the disallowed ones behind them in index
+    # order: they fill the slots left when the allowed groups hold fewer than k experts.
+    order = _stable_descending_order(key.masked_fill(~allowed, float("-inf")))
     order = order.gather(1, _stable_descending_order(allowed.gather(1, order).to(torch.int8)))
     ids = order[:, :k]
 
@@ -106,6 +109,75 @@ def topk_gating(
         if renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + RENORM_EPS)
     return weights * scale, ids.to(torch.int32)
+
+
+def priority_key(priority: torch.Tensor) -> torch.Tensor:
+    """float32 priorities as ``apply_capacity`` compares them: NaN counts as -inf and -0.0 as +0.0."""
+    p = _nan_to_neg_inf(priority.float())
+    return torch.where(p == 0, 0.0, p)
+
+
+def apply_capacity(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    order: str = "token",
+    priority: torch.Tensor | None = None,
+    group_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, weights, dropped [E] int64): in every group of ``group_size`` tokens (None: one group), each expert
+    keeps its first ``capacity`` slots in the given order."""
+    T, k = topk_ids.shape
+    E = num_experts
+    flat = topk_ids.reshape(-1).long()
+    slots = flat.numel()
+    routed = (flat >= 0) & (flat < E)
+    # One bucket per (group, expert), and one per group for the slots routed nowhere.
+    group = torch.arange(slots, device=flat.device) // k // (group_size or max(T, 1))
+    bucket = group * (E + 1) + torch.where(routed, flat, E)
+    if order == "token":
+        by_bucket = torch.sort(bucket, stable=True).indices
+    else:
+        # Highest priority first, equal priorities by slot; then grouped by bucket, keeping that order.
+        by_priority = torch.sort(priority_key(priority).reshape(-1), descending=True, stable=True).indices
+        by_bucket = by_priority[torch.sort(bucket[by_priority], stable=True).indices]
+    groups = -(-T // (group_size or max(T, 1)))
+    counts = torch.zeros(groups * (E + 1), dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(flat).scatter_(
+        0, by_bucket, torch.arange(slots, device=flat.device) - starts[bucket[by_bucket]]
+    )
+    drop = (routed & (rank >= capacity)).view(topk_ids.shape)
+    dropped = (counts.view(groups, E + 1)[:, :E] - capacity).clamp_min(0).sum(0)
+    return topk_ids.masked_fill(drop, -1), topk_weights.masked_fill(drop, 0), dropped
+
+
+def topk_weights(
+    router_logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    softmax_after_topk: bool = False,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights ``topk_gating`` gives the experts ``ids [T, k]`` (routing replay): the same scores,
+    renormalisation and scale. Slots with an id outside ``[0, E)`` (-1) get weight 0, take no part in the
+    renormalisation and come back as -1. Returns (weights, int32 ids)."""
+    x = _nan_to_neg_inf(router_logits.to(compute_dtype(router_logits)))
+    ids = ids.long()
+    routed = (ids >= 0) & (ids < x.shape[1])
+    safe = ids.clamp(0, x.shape[1] - 1)
+    if softmax_after_topk:
+        weights = softmax_with_limits(x.gather(1, safe).masked_fill(~routed, float("-inf")))
+    else:
+        scores = softmax_with_limits(x) if scoring == "softmax" else torch.sigmoid(x)
+        weights = scores.gather(1, safe) * routed
+        if renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + RENORM_EPS)
+    return weights * scale, torch.where(routed, ids, -1).to(torch.int32)
 
 
 # GPT-OSS's clamped SwiGLU (transformers' GptOssExperts._apply_gate): alpha and limit as in its config.
@@ -133,6 +205,14 @@ def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.T
         u = up.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT)
         return (u + 1) * g * torch.sigmoid(g * SWIGLU_OAI_ALPHA)
     return elementwise_activation(name, gate) * up
+
+
+def split_gate_up(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) halves of the first projection's output [..., 2I]: concatenated, or interleaved (GPT-OSS)."""
+    if interleaved:
+        return h[..., 0::2], h[..., 1::2]
+    inter = h.shape[-1] // 2
+    return h[..., :inter], h[..., inter:]
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_size: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -174,12 +254,15 @@ def moe_experts(
     b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
     apply_weights_on_input: bool = False,
+    transposed: bool = False,
+    gate_up_interleaved: bool = False,
 ) -> torch.Tensor:
+    if transposed:  # x @ w instead of x @ w^T: the nn.Linear layout is the transposed view
+        w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
     dtype = compute_dtype(hidden)
     T, k = topk_ids.shape
     x = hidden.to(dtype)
     weights = topk_weights.to(dtype)
-    inter = w_down.shape[2]
     per_slot = x.new_zeros(T, k, x.shape[1])
     for e in range(w_gate_up.shape[0]):
         token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
@@ -190,7 +273,11 @@ def moe_experts(
         h = rows @ w_gate_up[e].to(dtype).T
         if b_gate_up is not None:
             h = h + b_gate_up[e].to(dtype)
-        a = gated_activation(activation, h[:, :inter], h[:, inter:]) if gated else elementwise_activation(activation, h)
+        a = (
+            gated_activation(activation, *split_gate_up(h, gate_up_interleaved))
+            if gated
+            else elementwise_activation(activation, h)
+        )
         y = a @ w_down[e].to(dtype).T
         if b_down is not None:
             y = y + b_down[e].to(dtype)

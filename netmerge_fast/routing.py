@@ -6,11 +6,13 @@ import torch
 
 from netmerge_fast import _checks, reference
 from netmerge_fast._backends import native_status, resolve
+from netmerge_fast.capacity import apply_capacity
 
 __all__ = ["expert_counts", "load_balancing_loss", "router_z_loss", "topk_gating"]
 
 _SCORINGS = ("softmax", "sigmoid")
 _GROUP_SCORES = ("max", "top2_sum")
+_CAPACITY_ORDERS = ("token", "score")
 
 
 def topk_gating(
@@ -26,6 +28,9 @@ def topk_gating(
     softmax_after_topk: bool = False,
     scale: float = 1.0,
     backend: str = "auto",
+    capacity: int | None = None,
+    capacity_order: str = "token",
+    replay_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick ``k`` experts per token and their weights, in one pass over the router logits.
 
@@ -39,15 +44,29 @@ def topk_gating(
         bias: ``[E]`` added to the scores for selection only (DeepSeek-V3 ``e_score_correction_bias``);
             the weights use the unbiased scores. No gradient flows to it.
         num_groups, topk_groups: group-limited routing. The E experts form ``num_groups`` contiguous groups;
-            only experts of the best ``topk_groups`` groups can be picked. ``topk_groups=None`` keeps all.
+            the experts of the best ``topk_groups`` groups are picked first. ``topk_groups=None`` keeps all.
+            When those groups hold fewer than k experts (``topk_groups * E / num_groups < k``), the other
+            experts fill the remaining slots in index order, weighted by their own (unbiased) scores like
+            every slot: transformers' DeepSeek-V3 router masks them to -inf and lets its top-k take them.
         group_score: how a group is scored: ``"max"`` (its best key) or ``"top2_sum"`` (sum of its two best
             keys, DeepSeek-V3).
         softmax_after_topk: rank by raw logits (+ bias) and apply the softmax over the k chosen (GPT-OSS).
         scale: multiplies the final weights (``routed_scaling_factor``).
         backend: ``"auto"``, ``"triton"`` (CUDA; CPU under TRITON_INTERPRET=1), ``"cpu"`` or ``"torch"``.
+        capacity: slots each expert keeps (``None``: dropless). The slots past it are dropped by
+            ``apply_capacity`` (id -1, weight 0; the weights are not renormalised after dropping).
+        capacity_order: ``"token"`` (earlier slots ``t * k + j`` win, Switch) or ``"score"`` (the higher router
+            probability wins, ties to the lower slot; the probability is the slot's softmax or sigmoid score
+            before renormalisation and scale, or its weight with ``softmax_after_topk``).
+        replay_ids: ``[T, k]`` integer expert ids to use instead of selecting (routing replay): the weights are
+            those these experts get with the same scoring, renormalisation and scale, and gradients flow to the
+            logits; ``bias`` and the group options take no part (they only select). Ids of -1 get weight 0 and
+            no share of the renormalisation; on CPU tensors ids outside ``[-1, E)`` are an error. Computed with
+            torch ops on every backend.
 
     Returns:
-        ``(weights [T, k] float32, ids [T, k] int32)``: slots in descending order of selection key.
+        ``(weights [T, k] float32, ids [T, k] int32)``: slots in descending order of selection key (with
+        ``replay_ids``: in its order).
 
     Selection key: the logit itself when there is no bias and groups are scored by ``"max"`` (same order as
     the scores, but exact); otherwise score + bias in float32. Equal keys go to the lower expert index, on
@@ -67,6 +86,13 @@ def topk_gating(
     _validate(
         router_logits, k, scoring, renormalize, bias, num_groups, topk_groups, group_score, softmax_after_topk, scale
     )
+    _checks.choice("capacity_order", capacity_order, _CAPACITY_ORDERS)
+    if capacity is not None or replay_ids is not None:
+        return _route_for_training(
+            router_logits, k, capacity, capacity_order, replay_ids, scoring=scoring, renormalize=renormalize,
+            bias=bias, num_groups=num_groups, topk_groups=topk_groups, group_score=group_score,
+            softmax_after_topk=softmax_after_topk, scale=scale, backend=backend,
+        )  # fmt: skip
     topk_groups = num_groups if topk_groups is None else topk_groups
     chosen = resolve("topk_gating", backend, router_logits.device, router_logits.dtype)
     if chosen == "torch":
@@ -104,11 +130,6 @@ def _validate(
     group_size = E // num_groups
     if topk_groups is not None:
         _checks.integer("topk_groups", topk_groups, low=1, high=num_groups)
-        if topk_groups * group_size < k:
-            raise ValueError(
-                f"topk_groups * (E / num_groups) must be >= k: {topk_groups} groups of "
-                f"{group_size} experts cannot hold k={k}"
-            )
     _checks.choice("group_score", group_score, _GROUP_SCORES)
     if group_score == "top2_sum" and num_groups > 1 and group_size < 2:
         raise ValueError(f"group_score='top2_sum' needs groups of at least 2 experts, got {group_size}")
@@ -129,6 +150,46 @@ def _kernel(backend: str):
     from netmerge_fast.triton_kernels.topk_gating import topk_gating_triton
 
     return topk_gating_triton
+
+
+def _route_for_training(router_logits, k, capacity, capacity_order, replay_ids, **routing):
+    """Selection (or replay of ``replay_ids``), then ``apply_capacity``: composed, so every top-k kernel serves."""
+    if replay_ids is None:
+        weights, ids = topk_gating(router_logits, k, **routing)
+    else:
+        _validate_replay(replay_ids, router_logits, k)
+        weights, ids = reference.topk_weights(router_logits, replay_ids, **_weight_options(routing))
+    if capacity is None:
+        return weights, ids
+    priority = slot_probabilities(router_logits, ids, routing) if capacity_order == "score" else None
+    ids, weights = apply_capacity(
+        ids, weights, router_logits.shape[1], capacity, capacity_order, routing["backend"], priority=priority
+    )
+    return weights, ids
+
+
+def _weight_options(routing: dict) -> dict:
+    return {name: routing[name] for name in ("scoring", "renormalize", "softmax_after_topk", "scale")}
+
+
+def slot_probabilities(router_logits: torch.Tensor, ids: torch.Tensor, routing: dict) -> torch.Tensor:
+    """[T, k] float32, no gradient: each slot's router probability (softmax or sigmoid score, before
+    renormalisation and scale; the weight with softmax_after_topk), the priority of capacity_order="score"."""
+    options = dict(_weight_options(routing), renormalize=False, scale=1.0)
+    return reference.topk_weights(router_logits.detach(), ids, **options)[0].float()
+
+
+def _validate_replay(replay_ids, router_logits, k) -> None:
+    _checks.tensor("replay_ids", replay_ids, dim=2, integer=True)
+    T, E = router_logits.shape
+    if tuple(replay_ids.shape) != (T, k):
+        raise ValueError(f"replay_ids must have shape [T, k]=[{T}, {k}], got {list(replay_ids.shape)}")
+    _checks.same_device("replay_ids", replay_ids, "router_logits", router_logits)
+    # A value check costs a host sync: done for CPU tensors in eager mode only.
+    if replay_ids.device.type == "cpu" and replay_ids.numel() and not torch.compiler.is_compiling():
+        low, high = (v.item() for v in torch.aminmax(replay_ids))
+        if low < -1 or high >= E:
+            raise ValueError(f"replay_ids must be in [-1, E={E}) (-1: routed nowhere), got values in [{low}, {high}]")
 
 
 class _TopkGating(torch.autograd.Function):
@@ -232,14 +293,27 @@ def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat.clamp(0, num_experts - 1), valid.long())
 
 
-def load_balancing_loss(router_logits: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(
+    router_logits: torch.Tensor,
+    ids: torch.Tensor,
+    num_experts: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Switch-Transformer / Mixtral auxiliary loss: ``E * sum_e f_e * P_e`` (float32 scalar; float64 input
     stays float64, as in every loss here).
 
     ``f_e`` is the fraction of tokens that chose expert e (counted over all k slots, so ``sum_e f_e = k``),
     ``P_e`` the mean softmax probability of expert e. Equals 1 * k for perfectly uniform routing; the
-    gradient flows through ``P`` into ``router_logits``. Same value as Hugging Face's
-    ``load_balancing_loss_func`` without an attention mask. An empty batch gives 0.
+    gradient flows through ``P`` into ``router_logits``. An empty batch gives 0.
+
+    Several layers go in as one batch: their logits (and ids) concatenated along the tokens, as Hugging Face's
+    ``load_balancing_loss_func`` concatenates its tuple of layers; the value is then the same as its.
+
+    ``attention_mask``: ``[B, S]`` (any shape with B*S elements), bool, integer or floating, for
+    ``router_logits`` of ``L * B * S`` rows (L layers of the same batch, in order): ``f`` and ``P`` then weigh
+    each token by its mask value (padding 0), over all layers, exactly as ``load_balancing_loss_func(...,
+    attention_mask)``. A mask without any unpadded token gives 0 (Hugging Face's gives NaN, 0/0).
     """
     _checks.tensor("router_logits", router_logits, dim=2, floating=True)
     _checks.tensor("ids", ids, dim=2, integer=True)
@@ -252,11 +326,31 @@ def load_balancing_loss(router_logits: torch.Tensor, ids: torch.Tensor, num_expe
         raise ValueError(f"ids must have one row per token ({router_logits.shape[0]}), got {ids.shape[0]}")
     T = router_logits.shape[0]
     x = router_logits.to(reference.compute_dtype(router_logits))
+    if attention_mask is not None:
+        _checks.tensor("attention_mask", attention_mask)
+        _checks.same_device("attention_mask", attention_mask, "router_logits", router_logits)
+        tokens = attention_mask.numel()
+        if tokens == 0 or T % tokens:
+            raise ValueError(
+                f"attention_mask must have B*S elements with router_logits' rows = layers * B*S, got "
+                f"{tokens} mask elements for {T} rows"
+            )
     if T == 0:
         return x.sum() * 0.0
     probs = torch.softmax(x, dim=-1)
-    fraction = expert_counts(ids, num_experts).float() / T
-    return num_experts * (fraction * probs.mean(0)).sum()
+    if attention_mask is None:
+        fraction = expert_counts(ids, num_experts).to(x.dtype) / T
+        return num_experts * (fraction * probs.mean(0)).sum()
+    # Row t is token t % (B*S) of layer t // (B*S).
+    weight = attention_mask.reshape(-1).to(x.dtype).repeat(T // attention_mask.numel())
+    total = weight.sum()
+    flat = ids.long()
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = x.new_zeros(num_experts).scatter_add_(
+        0, flat.clamp(0, num_experts - 1).reshape(-1), (weight[:, None] * valid).reshape(-1)
+    )
+    total = torch.where(total > 0, total, 1.0)  # no unpadded token: counts and probabilities are all 0
+    return num_experts * (counts * (weight[:, None] * probs).sum(0)).sum() / (total * total)
 
 
 def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:

@@ -69,10 +69,13 @@ def _activation(name, x):
 
 
 def loop_moe_experts(hidden, w_gate_up, w_down, topk_weights, topk_ids, *, activation="silu", gated=True,
-                     b_gate_up=None, b_down=None, apply_weights_on_input=False):  # fmt: skip
+                     b_gate_up=None, b_down=None, apply_weights_on_input=False, transposed=False,
+                     gate_up_interleaved=False):  # fmt: skip
     """An oracle independent of reference.py: every slot on its own, in float64, the activations written out."""
     d = torch.float64
     T, k = topk_ids.shape
+    if transposed:
+        w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
     inter = w_down.shape[2]
     out = torch.zeros(T, hidden.shape[1], dtype=d)
     for t in range(T):
@@ -83,6 +86,8 @@ def loop_moe_experts(hidden, w_gate_up, w_down, topk_weights, topk_ids, *, activ
             h = w_gate_up[e].to(d) @ (hidden[t].to(d) * (w if apply_weights_on_input else 1.0))
             if b_gate_up is not None:
                 h = h + b_gate_up[e].to(d)
+            if gate_up_interleaved:  # gate even, up odd: back to [gate; up]
+                h = torch.cat([h[0::2], h[1::2]])
             if activation == "swiglu_oai":
                 g, u = h[:inter].clamp(max=7.0), h[inter:].clamp(-7.0, 7.0)
                 a = (u + 1) * g * torch.sigmoid(1.702 * g)
@@ -174,6 +179,95 @@ def test_non_contiguous_inputs(backend, gen):
     ids = ids.t().contiguous().t()
     assert not (hidden.is_contiguous() or w_gate_up.is_contiguous() or ids.is_contiguous())
     check(backend, [hidden, w_gate_up, w_down, weights, ids], kwargs)
+
+
+def gpt_oss_layout(args, kwargs, transposed, interleaved):
+    """The same experts in GPT-OSS's layouts: transposed ([E, H, 2I], [E, I, H]) and/or gate/up interleaved."""
+
+    hidden, w_gate_up, w_down, weights, ids = args
+    kwargs = dict(kwargs)
+    if interleaved:
+        w_gate_up = torch.stack(w_gate_up.chunk(2, dim=1), dim=2).flatten(1, 2)
+        if "b_gate_up" in kwargs:
+            kwargs["b_gate_up"] = torch.stack(kwargs["b_gate_up"].chunk(2, dim=1), dim=2).flatten(1)
+    if transposed:
+        w_gate_up, w_down = w_gate_up.transpose(1, 2).contiguous(), w_down.transpose(1, 2).contiguous()
+    kwargs.update(transposed=transposed, gate_up_interleaved=interleaved)
+    return [hidden, w_gate_up, w_down, weights, ids], kwargs
+
+
+LAYOUTS = [(True, False), (False, True), (True, True)]
+
+
+@pytest.mark.parametrize("transposed, interleaved", LAYOUTS)
+def test_reference_reads_gpt_oss_layouts_as_the_plain_one(transposed, interleaved, gen):
+    args, kwargs = make_inputs(gen, 9, 2, 5, 24, 12, bias=True)
+    kwargs["activation"] = "swiglu_oai"
+    args[1].mul_(12)  # both clamps
+    expected = reference.moe_experts(*args, **kwargs)
+    hf_args, hf_kwargs = gpt_oss_layout(args, kwargs, transposed, interleaved)
+    # the layouts hold the same numbers: gate row i of expert e is column 2i (interleaved) of its transpose
+    if transposed and interleaved:
+        assert torch.equal(hf_args[1][:, :, 0::2], args[1][:, :12].transpose(1, 2))
+    # the same function; the transposed matmuls may round differently
+    torch.testing.assert_close(
+        reference.moe_experts(*hf_args, **hf_kwargs), expected, **tolerance(torch.float32, expected)
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("transposed, interleaved", LAYOUTS)
+@pytest.mark.parametrize("activation", ["swiglu_oai", "silu"])
+# decode (the K-major streaming kernel on cpu: ~1.5 and ~6 rows per expert) and prefill
+@pytest.mark.parametrize("T", [3, 12, 40])
+def test_gpt_oss_layouts_on_every_backend(T, activation, transposed, interleaved, dtype, backend, gen):
+    skip_untrusted_bfloat16(backend, dtype, T, 3, 6)
+    # Odd H and I: column tiles with tails in both projections.
+    args, kwargs = make_inputs(gen, T, 3, 6, 33, 19, dtype=dtype, bias=True, routed_nowhere=0.1)
+    kwargs["activation"] = activation
+    if activation == "swiglu_oai":
+        args[1].mul_(12)
+    f32 = lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t
+    plain = reference.moe_experts(*map(f32, args), **{k: f32(v) for k, v in kwargs.items()})
+    out = check(backend, *gpt_oss_layout(args, kwargs, transposed, interleaved), dtype)
+    torch.testing.assert_close(out.cpu().float(), plain, **tolerance(dtype, plain))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("transposed, interleaved", LAYOUTS)
+@pytest.mark.parametrize("T", [3, 40])
+def test_gpt_oss_layout_gradients_in_the_model_layout(T, transposed, interleaved, backend, gen):
+    args, kwargs = make_inputs(gen, T, 2, 6, 24, 12, bias=True, routed_nowhere=0.1)
+    args[1].mul_(6)
+    args, kwargs = gpt_oss_layout(args, dict(kwargs, activation="swiglu_oai"), transposed, interleaved)
+    upstream = torch.randn(T, 24, generator=gen)
+
+    def grads(backend_):
+        device = device_for(backend_)
+        leaves = [a.to(device).requires_grad_(a.is_floating_point()) for a in args]
+        extra = {k: v.to(device).requires_grad_() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        (nf.moe_experts(*leaves, backend=backend_, **extra) * upstream.to(device)).sum().backward()
+        return [t.grad.cpu() for t in [*leaves[:4], extra["b_gate_up"], extra["b_down"]]]
+
+    names = ["hidden", "w_gate_up", "w_down", "topk_weights", "b_gate_up", "b_down"]
+    for name, g, w, a in zip(names, grads(backend), grads("torch"), [*args[:4], *kwargs.values()], strict=False):
+        assert g.shape == w.shape == a.shape, name  # the gradient in the weights' own layout
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="needs the cpu backend")
+def test_gradcheck_cpu_fp64_gpt_oss_layout(gen):
+    args, kwargs = make_inputs(gen, 7, 3, 4, 6, 5, dtype=torch.float64, bias=True, routed_nowhere=0.15)
+    args[3] = args[3].double()
+    args, kwargs = gpt_oss_layout(args, dict(kwargs, activation="silu"), True, True)
+    leaves = [a.requires_grad_() for a in args[:4]] + [kwargs[k].requires_grad_() for k in ("b_gate_up", "b_down")]
+
+    def f(hidden, w_gate_up, w_down, weights, b_gate_up, b_down):
+        extra = dict(kwargs, b_gate_up=b_gate_up, b_down=b_down)
+        return nf.moe_experts(hidden, w_gate_up, w_down, weights, args[4], backend="cpu", **extra)
+
+    assert torch.autograd.gradcheck(f, leaves)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -315,6 +409,39 @@ def test_torch_backend_grouped_gemm_path(options, dtype, gen):
         torch.testing.assert_close(got.grad.float(), want.grad.float(), **tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("transposed, interleaved", LAYOUTS)
+def test_torch_backend_grouped_gemm_path_gpt_oss_layouts(transposed, interleaved, dtype, gen):
+    """The CUDA torch path (run on CPU tensors) reads GPT-OSS's layouts: the plain layout's values, gradients in
+    the weights' own layout as autograd through the reference gives them."""
+    from netmerge_fast import _torch_grouped
+
+    if _torch_grouped.grouped_mm_function() is None:
+        pytest.skip("this torch has no grouped GEMM")
+    args, kwargs = make_inputs(gen, 20, 2, 5, 32, 16, dtype=dtype, bias=True, routed_nowhere=0.2)
+    kwargs["activation"] = "swiglu_oai"
+    f32 = lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t
+    plain = reference.moe_experts(*map(f32, args), **{key: f32(v) for key, v in kwargs.items()})
+    args, kwargs = gpt_oss_layout(args, kwargs, transposed, interleaved)
+    w_gate_up, w_down = (args[1].transpose(1, 2), args[2].transpose(1, 2)) if transposed else args[1:3]
+    assert _torch_grouped.supports(args[0], w_gate_up, w_down)
+
+    def run(moe_experts):
+        leaves = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
+        extra = {key: v.clone().requires_grad_() if torch.is_tensor(v) else v for key, v in kwargs.items()}
+        out = moe_experts(*leaves, **extra)
+        out.float().sum().backward()
+        return out, [t.grad for t in [*leaves[:4], extra["b_gate_up"], extra["b_down"]]]
+
+    out, grads = run(_torch_grouped.moe_experts)
+    torch.testing.assert_close(out.float(), plain, **tolerance(dtype, plain))
+    for got, want in zip(grads, run(reference.moe_experts)[1], strict=True):
+        assert got.shape == want.shape
+        scale = max(want.abs().amax().item(), 1.0)
+        tol = {"rtol": 1e-4, "atol": 1e-5 * scale} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2 * scale}
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
 def _triton_kernels():
     if "triton" not in FUSED:
         pytest.skip("needs the triton backend")
@@ -323,18 +450,24 @@ def _triton_kernels():
     return moe_configs, moe_experts
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_triton_config_table_and_split_k(dtype, gen, tmp_path, monkeypatch):
-    """A per-device table in $NETMERGE_TRITON_CONFIGS serves its layer (here BLOCK_M 16 and both GEMMs' K loops
-    split 3 ways, reduced in a fixed order): values and gradients as the reference, deterministic."""
-    moe_configs, kernels = _triton_kernels()
-    T, k, E, H, inter = 12, 2, 4, 64, 40
+def split_k_table(E, H, inter, dtype, directory, monkeypatch):
+    """A per-device table in $NETMERGE_TRITON_CONFIGS for this layer: BLOCK_M 16, both GEMMs' K loops split 3 ways."""
+    moe_configs, _ = _triton_kernels()
     tiles = {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 2, "SPLIT_K": 3}
     entry = {"16": {"BLOCK_M": 16, "up": tiles, "down": tiles}}
     capability, _ = moe_configs.device_properties(torch.device(device_for("triton")))
     table = {moe_configs.layer_key(E, 2 * inter, H, dtype): entry}
-    moe_configs.table_path(capability, tmp_path).write_text(json.dumps(table))
-    monkeypatch.setenv("NETMERGE_TRITON_CONFIGS", str(tmp_path))
+    moe_configs.table_path(capability, directory).write_text(json.dumps(table))
+    monkeypatch.setenv("NETMERGE_TRITON_CONFIGS", str(directory))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_config_table_and_split_k(dtype, gen, tmp_path, monkeypatch):
+    """A per-device table in $NETMERGE_TRITON_CONFIGS serves its layer (here BLOCK_M 16 and both GEMMs' K loops
+    split 3 ways, reduced in a fixed order): values and gradients as the reference, deterministic."""
+    _, kernels = _triton_kernels()
+    T, k, E, H, inter = 12, 2, 4, 64, 40
+    split_k_table(E, H, inter, dtype, tmp_path, monkeypatch)
     config = kernels.launch_config(T * k, E, H, inter, dtype=dtype, device=torch.device(device_for("triton")))
     assert config["BLOCK_M"] == 16 and config["up"]["SPLIT_K"] == config["down"]["SPLIT_K"] == 3
     # H = 64: 4 K steps in splits of 2, 2 and none; I = 40: 3 steps of 16, the last one ragged.
@@ -380,6 +513,40 @@ def test_triton_chunks_long_inference_calls(gen, monkeypatch):
     args, kwargs = make_inputs(gen, 13, 2, 4, 16, 8, bias=True, routed_nowhere=0.1)
     with torch.no_grad():
         check("triton", args, kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("transposed, interleaved", LAYOUTS)
+def test_triton_gpt_oss_layouts_on_split_k_and_chunks(transposed, interleaved, dtype, gen, tmp_path, monkeypatch):
+    """GPT-OSS's layouts through the tiled launcher: per slot (T=1), split-K from a table with chunked inference,
+    and gradients in the weights' own layout with split-K."""
+    _, kernels = _triton_kernels()
+    k, E, H, inter = 2, 4, 64, 40
+    split_k_table(E, H, inter, dtype, tmp_path, monkeypatch)
+    monkeypatch.setattr(kernels, "CHUNK_TOKENS", 5)
+    f32 = lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t
+    for T in (1, 12):  # 12 tokens: chunks of 5, 5 and 2 under no_grad
+        args, kwargs = make_inputs(gen, T, k, E, H, inter, dtype=dtype, bias=True, routed_nowhere=0.1)
+        kwargs["activation"] = "swiglu_oai"
+        args[1].mul_(12)  # both clamps
+        plain = reference.moe_experts(*map(f32, args), **{key: f32(v) for key, v in kwargs.items()})
+        model_args, model_kwargs = gpt_oss_layout(args, kwargs, transposed, interleaved)
+        with torch.no_grad():
+            out = nf.moe_experts(*model_args, backend="triton", **model_kwargs)
+        torch.testing.assert_close(out.float(), plain, **tolerance(dtype, plain))
+    args, kwargs = make_inputs(gen, 12, k, E, H, inter, bias=True, routed_nowhere=0.1)
+    args, kwargs = gpt_oss_layout(args, dict(kwargs, activation="swiglu_oai"), transposed, interleaved)
+    upstream = torch.randn(12, H, generator=gen)
+
+    def grads(backend):
+        leaves = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
+        extra = {key: v.clone().requires_grad_() if torch.is_tensor(v) else v for key, v in kwargs.items()}
+        (nf.moe_experts(*leaves, backend=backend, **extra) * upstream).sum().backward()
+        return [t.grad for t in [*leaves[:4], extra["b_gate_up"], extra["b_down"]]]
+
+    for got, want in zip(grads("triton"), grads("torch"), strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_triton_gate_up_interleaved(gen):
@@ -454,6 +621,9 @@ def _bad(**changes):
         (_bad(b_gate_up=torch.randn(3, 6)), ValueError, "b_gate_up"),
         (_bad(b_down=torch.randn(3, 9)), ValueError, "b_down"),
         (_bad(apply_weights_on_input="yes"), TypeError, "apply_weights_on_input"),
+        (_bad(transposed=True), ValueError, r"w_down must be \[E, I, H=8\] \(transposed=True\)"),
+        (_bad(transposed=1), TypeError, "transposed"),
+        (_bad(gate_up_interleaved=True, gated=False, w_gate_up=torch.randn(3, 6, 8)), ValueError, "interleaved"),
         (_bad(backend="gpu"), ValueError, "backend"),
     ],
 )
@@ -486,6 +656,21 @@ def test_inference_mode(backend, dtype, T, gen):
     torch.testing.assert_close(out.cpu().float(), expected, **tolerance(dtype, expected))
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_inference_mode_then_training_in_one_thread(backend, gen):
+    # The CPU kernel keeps scratch buffers between calls: one made under inference_mode must not be reused outside.
+    args, kwargs = make_inputs(gen, 40, 2, 4, 32, 48)
+    args, kwargs = _to(device_for(backend), args, kwargs)
+    with torch.inference_mode():
+        expected = nf.moe_experts(*args, backend=backend, **kwargs)
+    hidden = args[0].clone().requires_grad_()
+    out = nf.moe_experts(hidden, *args[1:], backend=backend, **kwargs)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    with torch.inference_mode():
+        torch.testing.assert_close(nf.moe_experts(*args, backend=backend, **kwargs), expected)
+
+
 # ---- CUDA (skipped without a GPU): bfloat16 on the tl.dot paths, which the interpreter cannot check ----
 
 # (T, k, E, H, I): decode (slots <= E, one program per slot), small-M tl.dot (few rows per expert), prefill.
@@ -502,6 +687,8 @@ def test_cuda_bfloat16_forward(shape, activation, gen):
             args[1].mul_(12)  # reach both clamps
         kwargs.update(activation=activation, gated=gated)
         check("triton", args, kwargs, torch.bfloat16)
+        if gated:  # GPT-OSS's own layout: transposed, gate/up interleaved
+            check("triton", *gpt_oss_layout(args, kwargs, True, True), torch.bfloat16)
 
 
 @pytest.mark.cuda

@@ -15,15 +15,17 @@ memory.
 Prints one JSON object: {"<kernel>/<case>/sm<arch>": "ok" | "<error>"}. Used by test_triton_compile.py.
 """
 
+import importlib
 import json
 import multiprocessing
 import os
+import pkgutil
 import sys
 from contextlib import contextmanager
 
 import torch
 import triton
-from netmerge_fast.triton_kernels import moe_align, moe_configs, moe_experts, topk_gating
+from netmerge_fast.triton_kernels import apply_capacity, moe_align, moe_configs, moe_experts, topk_gating
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
@@ -143,9 +145,19 @@ def moe_cases():
     yield "moe_align/int64/block=64", moe_align.moe_align_triton, (meta(4096, 8, dtype=torch.int64), 128, 64)
 
 
+def capacity_cases():
+    # Mixtral's prefill routing: int32 and int64 ids (routers' default), token order per sequence, score order.
+    for ids_name, ids_dtype in (("i32", torch.int32), ("i64", torch.int64)):
+        ids, priority = meta(4096, 2, dtype=ids_dtype), meta(4096, 2, dtype=torch.bfloat16)
+        for order, group_size in (("token", 512), ("score", 4096)):
+            call = (ids, priority if order == "score" else None, 8, 1280, order, group_size)
+            yield f"apply_capacity/{order}/{ids_name}", apply_capacity.apply_capacity_triton, call
+
+
 def cases():
     yield from topk_cases()
     yield from moe_cases()
+    yield from capacity_cases()
 
 
 # Per architecture: a GPU of it (compute capability, SM count) for the launchers' tile choices, and the shared
@@ -214,6 +226,14 @@ def main(archs):
                 if key not in seen:
                     seen.add(key)
                     _JOBS.append((label, kernel, arch, signature, constexprs, attrs, options.__dict__))
+    # A kernel no case launches would go unchecked: every ``*_kernel`` of the Triton modules must be compiled.
+    launched = {label.split("/", 1)[0] for label, *_ in _JOBS}
+    package = importlib.import_module("netmerge_fast.triton_kernels")
+    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if name.endswith("_kernel") and isinstance(value, triton.JITFunction) and name not in launched:
+                results[f"{name}/{module.__name__}"] = "no case launches this kernel"
     # Compiling is the slow part (seconds per GEMM kernel): one forked worker per CPU this process may use.
     workers = min(len(os.sched_getaffinity(0)), 4)
     with multiprocessing.get_context("fork").Pool(workers) as pool:
