@@ -36,6 +36,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,9 +81,16 @@ def versions(device) -> dict:
     return info
 
 
+def cuda_test_files() -> list[str]:
+    """The test files holding cuda-marked tests: collecting only them keeps a file whose optional imports (the
+    demos' data packages) are missing on the GPU machine from stopping the run."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py") if "mark.cuda" in p.read_text())
+
+
 def run_tests(dry_run: bool, timeout: float) -> dict:
-    """The cuda-marked tests (in a dry run: one test file, where they all skip)."""
-    target = ["tests/test_cuda_graphs.py"] if dry_run else ["tests"]
+    """The cuda-marked tests, in 4 processes on a GPU (compiling the kernels' variants is most of their time; in a
+    dry run they all skip)."""
+    target = [*([] if dry_run else ["-n", "4"]), *cuda_test_files()]
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", *target]
     start = time.perf_counter()
     try:
@@ -99,8 +107,8 @@ def run_tests(dry_run: bool, timeout: float) -> dict:
 class Timer:
     """Median seconds of fn(): triton.testing.do_bench on a GPU, the CPU harness otherwise (dry run)."""
 
-    def __init__(self, device, deadline: float):
-        self.device, self.deadline, self.skipped = device, deadline, []
+    def __init__(self, device, deadline: float, skipped: list):
+        self.device, self.deadline, self.skipped = device, deadline, skipped
 
     def __call__(self, fn) -> float:
         if self.device.type == "cuda":
@@ -187,14 +195,6 @@ def _limit(shape, T, routings, limits):
     weight_bytes = touched * 3 * H * inter * 2
     compute, memory = flops / limits["bf16_mm_flops"], weight_bytes / limits["copy_bytes_per_s"]
     return ("dense mm", compute) if compute >= memory else ("bandwidth", memory)
-
-
-def moe_rows(device, timer, tokens, limits, dry_run):
-    rows = []
-    for shape in moe_shapes(dry_run):  # one shape's weights at a time on the GPU
-        rows += _experts_rows(shape, device, timer, tokens, limits, dry_run)
-        rows += _layer_rows(shape, device, timer, tokens, limits, dry_run)
-    return rows
 
 
 def _decode_inputs(shape, T):
@@ -343,27 +343,46 @@ def main(argv=None) -> int:
     tokens = args.tokens or (DRY_TOKENS if args.dry_run else TOKENS)
     report = {"date": time.strftime("%Y-%m-%d"), "dry_run": args.dry_run, "versions": versions(device)}
     print(json.dumps(report["versions"], indent=1))
+    rows = report["rows"] = []
+    report.update(skipped=[], errors=[], step_seconds={})
+
+    def save():  # after every step: a run stopped from outside still leaves what it measured
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1, default=float))
+
+    save()
     if not args.skip_tests:
         report["tests"] = run_tests(args.dry_run, args.tests_timeout_s)
         print(f"cuda-marked tests: {report['tests']['summary']} ({report['tests']['seconds']} s)")
         for line in report["tests"]["failures"]:
             print(f"  {line}")
-    timer = Timer(device, start + args.budget_s)
-    limits = measure_limits(device, timer, args.dry_run)
-    report["limits"] = limits
+    timer = Timer(device, start + args.budget_s, report["skipped"])
+    save()
+    limits = report["limits"] = measure_limits(device, timer, args.dry_run)
     print(f"copy {limits['copy_bytes_per_s'] / 1e9:.0f} GB/s, bf16 mm {limits['bf16_mm_flops'] / 1e12:.0f} TFLOP/s")
-    rows = moe_rows(device, timer, tokens, limits, args.dry_run)
-    rows += topk_rows(device, timer, tokens, limits, args.dry_run)
-    rows += combine_rows(device, timer, limits, args.dry_run)
-    report.update(rows=rows, skipped=timer.skipped, seconds=round(time.perf_counter() - start, 1))
+    steps = [(f"{what} {shape.name}", fn, (shape, device, timer, tokens, limits, args.dry_run))
+             for shape in moe_shapes(args.dry_run) for what, fn in (("moe_experts", _experts_rows),
+                                                                     ("SparseMoE", _layer_rows))]  # fmt: skip
+    steps += [("topk_gating", topk_rows, (device, timer, tokens, limits, args.dry_run)),
+              ("statistics", combine_rows, (device, timer, limits, args.dry_run))]  # fmt: skip
+    for name, fn, step_args in steps:
+        save()
+        step_start = time.perf_counter()
+        try:
+            rows += fn(*step_args)
+        except Exception as exc:  # one failing step (a transformers version, say) must not lose the others
+            report["errors"].append({"step": name, "error": f"{type(exc).__name__}: {exc}",
+                                     "traceback": traceback.format_exc()[-3000:]})  # fmt: skip
+            print(f"step {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        report["step_seconds"][name] = round(time.perf_counter() - step_start, 1)
+    save()
     print(format_table(rows, COLUMNS))
     if timer.skipped:
         print(f"skipped (time budget {args.budget_s:.0f} s): {', '.join(timer.skipped)}")
     print(f"done in {report['seconds']} s")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1, default=float))
     tests_failed = report.get("tests", {}).get("returncode") not in (0, 5, None)  # 5: nothing collected
-    return 1 if tests_failed else 0
+    return 1 if tests_failed or report["errors"] else 0
 
 
 if __name__ == "__main__":

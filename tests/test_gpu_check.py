@@ -28,5 +28,10 @@ def test_gpu_check_dry_run(tmp_path):
         assert row["ours_us"] > 0 and row["of_limit"] > 0, row
     experts = [row for row in report["rows"] if row["op"] == "moe_experts"]
     assert all(row["x_torch_grouped_mm"] > 0 for row in experts)
-    assert report["skipped"] == []
+    assert report["skipped"] == [] and report["errors"] == []
+    assert set(report["step_seconds"]) == {"moe_experts tiny qwen3 E8 k4", "SparseMoE tiny qwen3 E8 k4",
+                                           "topk_gating", "statistics"}  # fmt: skip
+    # Every file with cuda-marked tests was collected (they all skip here).
+    assert "tests/test_cuda_graphs.py" in report["tests"]["command"]
+    assert "tests/test_moe_experts.py" in report["tests"]["command"]
     assert "| op " in done.stdout  # the table
