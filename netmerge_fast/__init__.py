@@ -6,12 +6,14 @@ Every op takes ``backend="auto"``; ``backends()`` tells which backends this mach
 from netmerge_fast._backends import BackendStatus, backends
 from netmerge_fast.combine import combine_logits, logit_statistics
 from netmerge_fast.dispatch import moe_align, moe_experts
+from netmerge_fast.packed_experts import PackedExperts, pack_experts
 from netmerge_fast.routing import expert_counts, load_balancing_loss, router_z_loss, topk_gating
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "PackedExperts",
     "backends",
     "combine_logits",
     "expert_counts",
@@ -19,6 +21,7 @@ __all__ = [
     "logit_statistics",
     "moe_align",
     "moe_experts",
+    "pack_experts",
     "router_z_loss",
     "topk_gating",
 ]

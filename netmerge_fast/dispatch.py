@@ -8,8 +8,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from netmerge_fast import _checks, reference
+from netmerge_fast import _checks, packed_experts, reference
 from netmerge_fast._backends import native_status, resolve
+from netmerge_fast.packed_experts import PackedExperts
 
 __all__ = ["ACTIVATIONS", "moe_align", "moe_experts"]
 
@@ -64,8 +65,8 @@ def moe_align(
 
 def moe_experts(
     hidden: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
+    w_gate_up: torch.Tensor | PackedExperts,
+    w_down: torch.Tensor | None,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     *,
@@ -90,6 +91,9 @@ def moe_experts(
             GPT-OSS stores ``[E, H, 2I]`` with gate and up interleaved: pass
             ``torch.cat([w[..., ::2], w[..., 1::2]], -1).transpose(1, 2)`` (and its bias likewise).
         w_down: ``[E, H, I]``. Both weights in hidden's dtype and on its device.
+            Or ``w_gate_up`` a ``PackedExperts`` (``pack_experts``: packed once, optionally int8) and ``w_down``
+            ``None``: inference only (``NotImplementedError`` if a gradient is needed), on the ``cpu`` backend
+            (``torch`` unpacks them); ``gated`` and hidden's dtype and H must match what was packed.
         topk_weights: ``[T, k]`` float32 routing weights (float64 with float64 hidden).
         topk_ids: ``[T, k]`` integer expert ids in ``[0, E)``, or -1 for a slot routed nowhere (it contributes
             nothing, e.g. an expert on another rank).
@@ -118,6 +122,11 @@ def moe_experts(
         weights, ids = topk_gating(router_logits, 2)
         out = moe_experts(hidden, w_gate_up, w_down, weights, ids)
     """
+    if isinstance(w_gate_up, PackedExperts):
+        return packed_experts.run(
+            hidden, w_gate_up, w_down, topk_weights, topk_ids, activation=activation, gated=gated,
+            b_gate_up=b_gate_up, b_down=b_down, apply_weights_on_input=apply_weights_on_input, backend=backend,
+        )  # fmt: skip
     _validate(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down)
     _checks.boolean("apply_weights_on_input", apply_weights_on_input)
     return run_validated(
@@ -132,7 +141,13 @@ def run_validated(
 ):  # fmt: skip
     """``moe_experts`` after its checks. For callers that check once what stays fixed (the weights, at set-up) and
     pass ids that are valid by construction (a router's top-k), so a decode step does not pay the checks each
-    layer (integrations.hf); the native kernel still checks the id range on CPU."""
+    layer (integrations.hf); the native kernel still checks the id range on CPU. Takes ``(PackedExperts, None)``
+    for the weights too."""
+    if isinstance(w_gate_up, PackedExperts):
+        return packed_experts.run_validated(
+            hidden, w_gate_up, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, apply_weights_on_input,
+            backend,
+        )  # fmt: skip
     chosen = resolve("moe_experts", backend, hidden.device, hidden.dtype)
     if chosen == "torch":
         return reference.moe_experts(

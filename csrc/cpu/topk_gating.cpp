@@ -18,7 +18,7 @@
 #include "kernels/topk_gating.h"
 #include "ops.h"
 
-namespace netmerge::cpu {
+namespace netmerge::cpu::NETMERGE_ISA {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -408,4 +408,4 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t
   return {weights, ids};
 }
 
-}  // namespace netmerge::cpu
+}  // namespace netmerge::cpu::NETMERGE_ISA
