@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmerge_fast import _checks, reference
+from netmerge_fast import _checks, packed_experts, reference
 from netmerge_fast.dispatch import moe_experts, run_validated
 from netmerge_fast.routing import topk_gating
 
@@ -136,6 +136,8 @@ class _ExpertsPlan:
     activation: str
     interleaved: bool  # GPT-OSS: gate/up columns were reordered at enable (state_dict hooks undo it)
     handles: list = field(default_factory=list)
+    quantize: str | None = None  # enable(quantize_experts=...)
+    packed: packed_experts.PackCache = field(default_factory=packed_experts.PackCache)
 
 
 def _activation_of(module: nn.Module) -> str | None:
@@ -247,10 +249,15 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
         b_first = self.gate_up_proj_bias if self.has_gate else self.up_proj_bias
         b_down = self.down_proj_bias
     # The weights were checked at enable and the ids come from a router's top-k: skip moe_experts' per-call checks.
+    x = hidden_states.to(first.dtype)
+    weights = (first, down)
+    if plan.quantize is not None or packed_experts.runs_packed(
+        x, first, "auto", x, top_k_weights, *weights, b_first, b_down
+    ):
+        weights = (plan.packed.get(first, down, quantize=plan.quantize), None)  # CPU inference, or int8: packed once
     out = run_validated(
-        hidden_states.to(first.dtype), first, down, top_k_weights.float(), top_k_index, plan.activation,
-        self.has_gate, b_first, b_down, False, "auto",
-    )  # fmt: skip
+        x, *weights, top_k_weights.float(), top_k_index, plan.activation, self.has_gate, b_first, b_down, False, "auto"
+    )
     return out.to(hidden_states.dtype)
 
 
@@ -298,14 +305,21 @@ def _require_transformers():
         ExpertsInterface.register(EXPERTS_IMPLEMENTATION, _experts_forward)
 
 
-def enable(model: nn.Module, *, routing: bool = True, experts: bool = True) -> HFPatchReport:
+def enable(
+    model: nn.Module, *, routing: bool = True, experts: bool = True, quantize_experts: str | None = None
+) -> HFPatchReport:
     """Run a Hugging Face transformers 5 MoE model's routers on ``topk_gating`` and its experts on ``moe_experts``.
 
     Args:
         model: a transformers ``PreTrainedModel`` (e.g. ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``,
             ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM``, ``DeepseekV3ForCausalLM``, ``GptOssForCausalLM``).
         routing: patch the router modules' forward (their class, outputs and hooks stay).
-        experts: select the ``"netmerge"`` experts implementation (``model.set_experts_implementation``).
+        experts: select the ``"netmerge"`` experts implementation (``model.set_experts_implementation``). On CPU,
+            calls that need no gradient run on a copy of each module's weights packed by ``pack_experts`` (made on
+            the first such call, again whenever the weights change; it costs one more copy of the expert weights).
+        quantize_experts: ``"int8"`` runs every experts call on int8 weights (weight-only, per output channel;
+            a quarter of float32's bytes, half of bfloat16's), quantised on the first call; inference only
+            (``NotImplementedError`` when a gradient is needed). ``None``: the model's own weights.
 
     Returns:
         An ``HFPatchReport``: the routers and experts modules now running on netmerge-fast, the GPT-OSS experts whose
@@ -318,6 +332,10 @@ def enable(model: nn.Module, *, routing: bool = True, experts: bool = True) -> H
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     _checks.boolean("routing", routing)
     _checks.boolean("experts", experts)
+    if quantize_experts is not None:
+        _checks.choice("quantize_experts", quantize_experts, packed_experts.QUANTIZATIONS)
+        if not experts:
+            raise ValueError("quantize_experts needs experts=True")
     _require_transformers()
     if getattr(model, "_netmerge_report", None) is not None:
         disable(model)
@@ -325,7 +343,7 @@ def enable(model: nn.Module, *, routing: bool = True, experts: bool = True) -> H
     if routing:
         _enable_routing(model, report)
     if experts:
-        _enable_experts(model, report)
+        _enable_experts(model, report, quantize_experts)
     if not report.changed and not report.skipped:
         report.skipped[""] = f"{type(model).__name__} has no MoE router or experts module that transformers dispatches"
     for name, why in report.skipped.items():
@@ -347,7 +365,7 @@ def _enable_routing(model: nn.Module, report: HFPatchReport) -> None:
             report.skipped[name] = f"router class {type(module).__name__} is not known to netmerge-fast"
 
 
-def _enable_experts(model: nn.Module, report: HFPatchReport) -> None:
+def _enable_experts(model: nn.Module, report: HFPatchReport, quantize: str | None) -> None:
     modules = [(n, m) for n, m in model.named_modules() if _is_experts_module(m)]
     if not modules:
         return
@@ -368,6 +386,7 @@ def _enable_experts(model: nn.Module, report: HFPatchReport) -> None:
             _relayout(module, plan)
             report.relayout.append(name)
         _check_weights(module, plan)
+        plan.quantize = quantize
         module._netmerge_plan = plan
         report.experts.append(name)
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
