@@ -43,8 +43,9 @@ constexpr int64_t L = Vec::size();
 
 enum class Format { kFloat, kBf16Pairs, kInt8 };
 
-// Accumulator vectors a micro-kernel may keep in registers (16 registers on AVX2, 32 on AVX-512; the baseline
-// build's 8-float vectors take two SSE registers each).
+// Rows of a micro-kernel tile, and the accumulator vectors it may use: accumulators, the panel's NV vectors and
+// a broadcast fit the 16 vector registers of AVX2 (32 with AVX-512). The baseline build's 8-float vectors take
+// two SSE registers each.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kAccumulators = 24;
 constexpr int kMaxRows = 12;
@@ -55,6 +56,11 @@ constexpr int kMaxRows = 6;
 constexpr int kAccumulators = 4;
 constexpr int kMaxRows = 2;
 #endif
+
+// The loops over a tile's rows and vectors must be unrolled before GCC decides where the accumulator arrays
+// live: left as loops, it keeps every accumulator in memory (a load and a store around each FMA, a third of
+// the speed).
+#define NETMERGE_UNROLL _Pragma("GCC unroll 64")
 
 template <int NV>
 constexpr int max_rows() {
@@ -82,25 +88,34 @@ inline void load_bf16_pairs(const uint32_t* p, Vec& lo, Vec& hi) {
   hi = at::vec::cast<float>(words & VecI(static_cast<int32_t>(0xFFFF0000u)));
 }
 
-// tile[r][c] = sum_k a[r][k] * W[k][c] for MR rows (pointers a[r]) and one panel of NV * L columns, K of them
-// (k-pairs for bf16: K even). int8: scales [ceil(K / group)][NR] multiply each group's sums. S accumulator sets
-// (interleaved k) give a tile with few rows (decode) enough independent FMA chains to hide the latency.
+// The sums over k in [k0, k1) of a[r][k] * W[k][c], added into tile[r][c] (first: into zeros), for MR rows
+// (pointers a[r]) and one panel W of NV * L columns (k-pairs for bf16: k0, k1 even). int8 scales: with
+// group > 0 (group-wise) each group's sums are scaled as they are added; with group == 0 (one scale per column)
+// the tile holds raw sums until the last block scales them. S accumulator sets (interleaved k) give a tile with
+// few rows (decode) enough independent FMA chains to hide the latency. `ahead`, when given, is prefetched into
+// L2 as this block is read (one line per 64 bytes): the next block of the panel, or the next panel.
 template <Format F, int MR, int NV>
-void micro_tile(const float* const* a, int64_t K, const void* panel, const float* scales, int64_t group,
-                float* tile) {
+void micro_tile(const float* const* a, int64_t k0, int64_t k1, const void* panel, const float* scales,
+                int64_t group, float* tile, bool first, bool last, const char* ahead) {
   constexpr int64_t NR = NV * L;
+  constexpr int64_t kStepBytes = NR * (F == Format::kFloat ? 4 : F == Format::kBf16Pairs ? 2 : 1);
   constexpr int S = MR * NV >= 8 ? 1 : MR * NV >= 4 ? 2 : 4;
-  if (F != Format::kInt8) group = K;
-  for (int64_t g0 = 0; g0 < K; g0 += group) {
-    const int64_t g1 = std::min(K, g0 + group);
+  const auto prefetch = [&](int64_t k) {
+    const int64_t offset = (k - k0) * kStepBytes;
+    if (ahead != nullptr && offset % 64 == 0) __builtin_prefetch(ahead + offset, 0, 2);
+  };
+  const int64_t span = group > 0 ? group : k1 - k0;
+  for (int64_t g0 = k0; g0 < k1; g0 += span) {
+    const int64_t g1 = std::min(k1, g0 + span);
     Vec acc[S][MR][NV];
-    for (int s = 0; s < S; ++s)
-      for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV; ++v) acc[s][r][v] = Vec(0.f);
+    NETMERGE_UNROLL for (int s = 0; s < S; ++s)
+      NETMERGE_UNROLL for (int r = 0; r < MR; ++r)
+        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) acc[s][r][v] = Vec(0.f);
     const auto step = [&](int s, int64_t k, const Vec* w) {
-      for (int r = 0; r < MR; ++r) {
+      prefetch(k);
+      NETMERGE_UNROLL for (int r = 0; r < MR; ++r) {
         const Vec x(a[r][k]);
-        for (int v = 0; v < NV; ++v) acc[s][r][v] = at::vec::fmadd(x, w[v], acc[s][r][v]);
+        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) acc[s][r][v] = at::vec::fmadd(x, w[v], acc[s][r][v]);
       }
     };
     int64_t k = g0;
@@ -108,16 +123,16 @@ void micro_tile(const float* const* a, int64_t K, const void* panel, const float
       const uint32_t* w = static_cast<const uint32_t*>(panel) + g0 / 2 * NR;
       constexpr int P = S >= 2 ? S / 2 : 1;  // pairs per unrolled step
       for (; k + 2 * P <= g1; k += 2 * P) {
-        for (int i = 0; i < P; ++i, w += NR) {
+        NETMERGE_UNROLL for (int i = 0; i < P; ++i, w += NR) {
           Vec lo[NV], hi[NV];
-          for (int v = 0; v < NV; ++v) load_bf16_pairs(w + v * L, lo[v], hi[v]);
+          NETMERGE_UNROLL for (int v = 0; v < NV; ++v) load_bf16_pairs(w + v * L, lo[v], hi[v]);
           step((2 * i) % S, k + 2 * i, lo);
           step((2 * i + 1) % S, k + 2 * i + 1, hi);
         }
       }
       for (; k < g1; k += 2, w += NR) {
         Vec lo[NV], hi[NV];
-        for (int v = 0; v < NV; ++v) load_bf16_pairs(w + v * L, lo[v], hi[v]);
+        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) load_bf16_pairs(w + v * L, lo[v], hi[v]);
         step(0, k, lo);
         step(0, k + 1, hi);
       }
@@ -125,7 +140,7 @@ void micro_tile(const float* const* a, int64_t K, const void* panel, const float
       using weight_t = std::conditional_t<F == Format::kFloat, float, int8_t>;
       const weight_t* w = static_cast<const weight_t*>(panel) + g0 * NR;
       const auto load = [](const weight_t* p, Vec* out) {
-        for (int v = 0; v < NV; ++v) {
+        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) {
           if constexpr (F == Format::kFloat) {
             out[v] = Vec::loadu(p + v * L);
           } else {
@@ -134,7 +149,7 @@ void micro_tile(const float* const* a, int64_t K, const void* panel, const float
         }
       };
       for (; k + S <= g1; k += S) {
-        for (int s = 0; s < S; ++s, w += NR) {
+        NETMERGE_UNROLL for (int s = 0; s < S; ++s, w += NR) {
           Vec wv[NV];
           load(w, wv);
           step(s, k + s, wv);
@@ -146,17 +161,21 @@ void micro_tile(const float* const* a, int64_t K, const void* panel, const float
         step(0, k, wv);
       }
     }
-    for (int s = 1; s < S; ++s)
-      for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV; ++v) acc[0][r][v] = acc[0][r][v] + acc[s][r][v];
-    for (int r = 0; r < MR; ++r) {
-      for (int v = 0; v < NV; ++v) {
+    NETMERGE_UNROLL for (int s = 1; s < S; ++s)
+      NETMERGE_UNROLL for (int r = 0; r < MR; ++r)
+        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) acc[0][r][v] = acc[0][r][v] + acc[s][r][v];
+    NETMERGE_UNROLL for (int r = 0; r < MR; ++r) {
+      NETMERGE_UNROLL for (int v = 0; v < NV; ++v) {
         float* dst = tile + r * NR + v * L;
-        if (scales == nullptr) {
-          acc[0][r][v].store(dst);
-        } else {
+        if (group > 0) {
           const Vec scale = Vec::loadu(scales + g0 / group * NR + v * L);
-          (g0 == 0 ? acc[0][r][v] * scale : at::vec::fmadd(acc[0][r][v], scale, Vec::loadu(dst))).store(dst);
+          const bool fresh = first && g0 == k0;
+          (fresh ? acc[0][r][v] * scale : at::vec::fmadd(acc[0][r][v], scale, Vec::loadu(dst))).store(dst);
+        } else {
+          // Added here rather than loaded into the accumulators: a conditional load there makes the compiler keep
+          // them in memory.
+          const Vec sum = first ? acc[0][r][v] : acc[0][r][v] + Vec::loadu(dst);
+          (last && scales != nullptr ? sum * Vec::loadu(scales + v * L) : sum).store(dst);
         }
       }
     }
@@ -165,12 +184,12 @@ void micro_tile(const float* const* a, int64_t K, const void* panel, const float
 
 // micro_tile for mr rows (1 <= mr <= max_rows<NV>()), chosen at compile time.
 template <Format F, int NV, int MR = 1>
-void run_tile(int mr, const float* const* a, int64_t K, const void* panel, const float* scales, int64_t group,
-              float* tile) {
+void run_tile(int mr, const float* const* a, int64_t k0, int64_t k1, const void* panel, const float* scales,
+              int64_t group, float* tile, bool first, bool last, const char* ahead) {
   if constexpr (MR < max_rows<NV>()) {
-    if (mr > MR) return run_tile<F, NV, MR + 1>(mr, a, K, panel, scales, group, tile);
+    if (mr > MR) return run_tile<F, NV, MR + 1>(mr, a, k0, k1, panel, scales, group, tile, first, last, ahead);
   }
-  micro_tile<F, MR, NV>(a, K, panel, scales, group, tile);
+  micro_tile<F, MR, NV>(a, k0, k1, panel, scales, group, tile, first, last, ahead);
 }
 
 // Values rounded to scalar_t (round to nearest even), kept in float.
@@ -230,15 +249,57 @@ std::vector<Task> plan_tasks(const std::vector<int64_t>& starts, int64_t E, int6
   return tasks;
 }
 
-// The row tiles of n rows: as even as possible, none above the micro-kernel's maximum.
-template <typename F>
-void for_each_tile(int64_t n, int max_rows, const F& fn) {
-  const int64_t tiles = at::divup(n, max_rows);
-  for (int64_t t = 0, r = 0; t < tiles; ++t) {
-    const int64_t mr = (n - r) / (tiles - t);
-    fn(r, static_cast<int>(mr));
+// The row tiles of n rows, as (first row, rows): as even as possible, none above the micro-kernel's maximum.
+std::vector<std::pair<int64_t, int>> row_tiles(int64_t n, int max_rows) {
+  std::vector<std::pair<int64_t, int>> tiles;
+  const int64_t count = at::divup(n, max_rows);
+  for (int64_t t = 0, r = 0; t < count; ++t) {
+    const int64_t mr = (n - r) / (count - t);
+    tiles.emplace_back(r, static_cast<int>(mr));
     r += mr;
   }
+  return tiles;
+}
+
+// Panel rows per block of k: ~32 KB of weights, which stay in L1/L2 while every row tile of the task reads them
+// (an int8 block is a whole number of scale groups).
+template <Format F, int NV>
+int64_t k_block(int64_t group) {
+  constexpr int64_t bytes = NV * L * (F == Format::kFloat ? 4 : F == Format::kBf16Pairs ? 2 : 1);
+  const int64_t rows = (int64_t{32} << 10) / bytes;
+  return group > 0 ? std::max<int64_t>(1, rows / group) * group : rows;
+}
+
+// One phase: every task's rows times its panels, tiles accumulated over k blocks in `sums` ([rows][NR]), then
+// `finish(panel, first row, rows, sums)` once per panel.
+template <Format F, int NV, typename Finish>
+void run_phase(const std::vector<Task>& tasks, const float* const* rows, int64_t K, int64_t panels,
+               const char* weights, int64_t panel_bytes, const float* scales, int64_t groups, int64_t group,
+               double flops, const Finish& finish) {
+  constexpr int64_t NR = NV * L;
+  constexpr int MR = max_rows<NV>();
+  const int64_t block = k_block<F, NV>(group);
+  const int64_t step_bytes = panel_bytes / K;
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    const Task& t = tasks[i];
+    alignas(64) float sums[64 * NR];  // task rows: at most 64 (plan_tasks)
+    const auto tiles = row_tiles(t.r1 - t.r0, MR);
+    const float* const* a = rows + t.r0;
+    for (int64_t p = t.p0; p < t.p1; ++p) {
+      const int64_t panel = t.expert * panels + p;
+      const char* w = weights + panel * panel_bytes;
+      const float* panel_scales = scales ? scales + panel * groups * NR : nullptr;
+      for (int64_t k0 = 0; k0 < K; k0 += block) {
+        const int64_t k1 = std::min(K, k0 + block);
+        // While the first tile reads this block, the next block (or the next panel's first) comes into L2.
+        const char* ahead = k1 < K ? w + k1 * step_bytes : p + 1 < t.p1 ? w + panel_bytes : nullptr;
+        for (const auto& [r, mr] : tiles)
+          run_tile<F, NV>(mr, a + r, k0, k1, w, panel_scales, group, sums + r * NR, k0 == 0, k1 == K,
+                          r == 0 ? ahead : nullptr);
+      }
+      finish(p, t.r0, t.r1 - t.r0, static_cast<const float*>(sums));
+    }
+  }, flops, static_cast<double>(tasks.size()) * panel_bytes);
 }
 
 template <Format F, int NV, typename scalar_t>
@@ -246,40 +307,30 @@ void run_phases(const Shape& s, const Permutation& perm, const float* const* row
                 const void* down, const float* gate_up_scales, const float* down_scales, const scalar_t* b_gate_up,
                 float* act_rows, float* y_rows) {
   constexpr int64_t NR = NV * L;
-  constexpr int MR = max_rows<NV>();
-  const int64_t panel1 = s.K1 * NR, panel2 = s.K2 * NR;  // elements per panel
-  const auto element = [&](const void* base, int64_t offset) {
-    return static_cast<const char*>(base) + offset * static_cast<int64_t>(s.weight_bytes);
-  };
+  const int64_t bytes1 = s.K1 * NR * static_cast<int64_t>(s.weight_bytes);
+  const int64_t bytes2 = s.K2 * NR * static_cast<int64_t>(s.weight_bytes);
+  // Scale groups: 0 without int8 or with one scale per column.
+  const int64_t group1 = gate_up_scales && s.group1 < s.K1 ? s.group1 : 0;
+  const int64_t group2 = down_scales && s.group2 < s.K2 ? s.group2 : 0;
   const int64_t groups1 = at::divup(s.K1, s.group1), groups2 = at::divup(s.K2, s.group2);
-  const auto& starts = perm.starts;
 
-  // Phase A: gate and up, bias, activation.
-  const auto tasks_a = plan_tasks(starts, s.E, s.P1, s.K1, panel1 * s.weight_bytes);
-  const double flops_a = 2.0 * perm.rows * s.P1 * NR * s.K1;
-  parallel_tasks(static_cast<int64_t>(tasks_a.size()), [&](int64_t i) {
-    const Task& t = tasks_a[i];
-    alignas(64) float tile[MR * NR];
-    alignas(64) float bias[NR];
-    const float* a[MR];
-    for (int64_t p = t.p0; p < t.p1; ++p) {
-      const int64_t panel = t.expert * s.P1 + p;
-      const void* w = element(gate_up, panel * panel1);
-      const float* scales = gate_up_scales ? gate_up_scales + panel * groups1 * NR : nullptr;
-      // The panel's bias columns (zero past I), in the tile's column order.
-      if (b_gate_up) {
-        const scalar_t* b = b_gate_up + t.expert * (s.gated ? 2 * s.I : s.I);
-        for (int64_t c = 0; c < NR; ++c) {
-          const int64_t unit = p * s.U + (c % s.U);
-          bias[c] = unit < s.I ? static_cast<float>(b[(c >= s.U ? s.I : 0) + unit]) : 0.f;
+  // Phase A: gate and up, bias, activation -> act_rows.
+  run_phase<F, NV>(
+      plan_tasks(perm.starts, s.E, s.P1, s.K1, bytes1), row_ptr, s.K1, s.P1, static_cast<const char*>(gate_up),
+      bytes1, gate_up_scales, groups1, group1, 2.0 * perm.rows * s.P1 * NR * s.K1,
+      [&](int64_t p, int64_t row0, int64_t rows, const float* sums) {
+        // The panel's bias columns (zero past I), in the tile's column order.
+        alignas(64) float bias[NR];
+        if (b_gate_up) {
+          const scalar_t* b = b_gate_up + perm.row_expert[row0] * (s.gated ? 2 * s.I : s.I);
+          for (int64_t c = 0; c < NR; ++c) {
+            const int64_t unit = p * s.U + (c % s.U);
+            bias[c] = unit < s.I ? static_cast<float>(b[(c >= s.U ? s.I : 0) + unit]) : 0.f;
+          }
         }
-      }
-      for_each_tile(t.r1 - t.r0, MR, [&](int64_t r, int mr) {
-        for (int j = 0; j < mr; ++j) a[j] = row_ptr[t.r0 + r + j];
-        run_tile<F, NV>(mr, a, s.K1, w, scales, s.group1, tile);
-        for (int j = 0; j < mr; ++j) {
-          const float* pre = tile + j * NR;
-          float* out = act_rows + (t.r0 + r + j) * s.Ip + p * s.U;
+        for (int64_t j = 0; j < rows; ++j) {
+          const float* pre = sums + j * NR;
+          float* out = act_rows + (row0 + j) * s.Ip + p * s.U;
           for (int64_t c = 0; c < s.U; c += L) {
             const int64_t n = std::min(L, s.U - c);
             Vec g = round_to<scalar_t>(Vec::loadu(pre + c, n));
@@ -293,34 +344,23 @@ void run_phases(const Shape& s, const Permutation& perm, const float* const* row
           }
         }
       });
-    }
-  }, flops_a, static_cast<double>(tasks_a.size()) * panel1 * s.weight_bytes);
 
-  // Phase B: down projection.
-  const auto tasks_b = plan_tasks(starts, s.E, s.P2, s.K2, panel2 * s.weight_bytes);
-  const double flops_b = 2.0 * perm.rows * s.P2 * NR * s.K2;
-  parallel_tasks(static_cast<int64_t>(tasks_b.size()), [&](int64_t i) {
-    const Task& t = tasks_b[i];
-    alignas(64) float tile[MR * NR];
-    const float* a[MR];
-    for (int64_t p = t.p0; p < t.p1; ++p) {
-      const int64_t panel = t.expert * s.P2 + p;
-      const void* w = element(down, panel * panel2);
-      const float* scales = down_scales ? down_scales + panel * groups2 * NR : nullptr;
-      const int64_t columns = std::min(NR, s.H - p * NR);
-      for_each_tile(t.r1 - t.r0, MR, [&](int64_t r, int mr) {
-        for (int j = 0; j < mr; ++j) a[j] = act_rows + (t.r0 + r + j) * s.Ip;
-        run_tile<F, NV>(mr, a, s.K2, w, scales, s.group2, tile);
-        for (int j = 0; j < mr; ++j) {
-          float* out = y_rows + (t.r0 + r + j) * s.H + p * NR;
+  // Phase B: down projection -> y_rows.
+  std::vector<const float*> act_ptr(perm.rows);
+  for (int64_t r = 0; r < perm.rows; ++r) act_ptr[r] = act_rows + r * s.Ip;
+  run_phase<F, NV>(
+      plan_tasks(perm.starts, s.E, s.P2, s.K2, bytes2), act_ptr.data(), s.K2, s.P2, static_cast<const char*>(down),
+      bytes2, down_scales, groups2, group2, 2.0 * perm.rows * s.P2 * NR * s.K2,
+      [&](int64_t p, int64_t row0, int64_t rows, const float* sums) {
+        const int64_t columns = std::min(NR, s.H - p * NR);
+        for (int64_t j = 0; j < rows; ++j) {
+          float* out = y_rows + (row0 + j) * s.H + p * NR;
           for (int64_t c = 0; c < columns; c += L) {
             const int64_t n = std::min(L, columns - c);
-            round_to<scalar_t>(Vec::loadu(tile + j * NR + c, n)).store(out + c, n);
+            round_to<scalar_t>(Vec::loadu(sums + j * NR + c, n)).store(out + c, n);
           }
         }
       });
-    }
-  }, flops_b, static_cast<double>(tasks_b.size()) * panel2 * s.weight_bytes);
 }
 
 template <Format F, typename scalar_t>
