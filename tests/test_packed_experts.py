@@ -218,3 +218,96 @@ def test_backward_through_packed_experts_is_a_clear_error(quantize, gen):
     packed = nf.pack_experts(w_gate_up, w_down, quantize=quantize)
     with pytest.raises(NotImplementedError, match="inference only"):
         nf.moe_experts(hidden.requires_grad_(), packed, None, weights, ids)
+
+
+# --- SparseMoE and integrations.hf: packed once, again when the weights change -----------------------------------
+
+NATIVE = pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+
+
+def _layer(seed, **kwargs):
+    torch.manual_seed(seed)
+    from netmerge_fast.nn import SparseMoE
+
+    return SparseMoE(32, 24, 6, 2, **kwargs)
+
+
+@NATIVE
+@pytest.mark.parametrize("bias", [False, True])
+def test_sparse_moe_infers_on_packed_weights_and_follows_every_change(bias, gen):
+    moe = _layer(0, bias=bias)
+    x = torch.randn(3, 7, 32, generator=gen)
+    with torch.no_grad():
+        packed = moe(x)
+    assert moe.experts.packed_nbytes > 0  # the no-grad call packed them
+    torch.testing.assert_close(packed, moe(x).detach(), rtol=1e-5, atol=1e-5)  # with grad: the parameters
+    # An optimizer step writes the parameters in place (their version counters move): packed again.
+    optimizer = torch.optim.SGD(moe.parameters(), lr=0.5)
+    moe(x).square().sum().backward()
+    optimizer.step()
+    after_step = moe(x).detach()
+    assert not torch.allclose(after_step, packed)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), after_step, rtol=1e-5, atol=1e-5)
+    # load_state_dict copies into the parameters: packed again.
+    other = _layer(1, bias=bias)
+    moe.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), other(x), rtol=1e-5, atol=1e-5)
+        # .to() makes new parameters (and drops the old packed copy).
+        moe.to(torch.bfloat16)
+        assert moe.experts.packed_nbytes == 0
+        torch.testing.assert_close(moe(x.bfloat16()).float(), other(x), rtol=3e-2, atol=3e-2)
+
+
+@NATIVE
+def test_sparse_moe_int8_error_backward_and_back_to_float(gen):
+    moe = _layer(0)
+    x = torch.randn(40, 32, generator=gen)
+    with torch.no_grad():
+        exact = moe(x)
+        moe.quantize_experts("int8")
+        assert moe.experts.packed().quantize == "int8"
+        assert "quantize='int8'" in repr(moe.experts)
+        int8 = moe(x)
+        moe.quantize_experts("int8", group_size=8)
+        grouped = moe(x)
+    assert _relative_error(int8, exact) < 0.02 and _relative_error(grouped, exact) < 0.02
+    with pytest.raises(NotImplementedError, match="int8 experts is inference only"):
+        moe(x).sum().backward()
+    moe.quantize_experts(None)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), exact, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        moe.quantize_experts("int4")
+    with pytest.raises(ValueError, match="group_size needs"):
+        moe.quantize_experts(None, group_size=8)
+
+
+@NATIVE
+def test_hf_model_on_int8_experts_logits_and_greedy_tokens(gen):
+    """The accuracy of int8 experts on a whole (tiny, random) model: the logits' relative change and how many of
+    32 greedy tokens stay the same. Measured and printed (README: "int8 experts"); bounded loosely here."""
+    pytest.importorskip("transformers", minversion="5.0")
+    from netmerge_fast.integrations import hf
+    from tests.test_hf_integration import input_ids, tiny_model
+
+    model = tiny_model("qwen3_moe")
+    ids = input_ids(length=16)
+    with torch.no_grad():
+        hf.enable(model)
+        logits = model(ids).logits
+        tokens = model.generate(ids[:1], max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+        packed = [m.__dict__["_netmerge_plan"].packed.packed for m in model.modules() if "_netmerge_plan" in m.__dict__]
+        assert packed and all(p is not None and p.quantize is None for p in packed)
+        hf.enable(model, quantize_experts="int8")
+        int8_logits = model(ids).logits
+        int8_tokens = model.generate(ids[:1], max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    change = _relative_error(int8_logits, logits)
+    same = (int8_tokens[0, 16:] == tokens[0, 16:]).float().mean().item()
+    first_diff = next((i for i in range(32) if int8_tokens[0, 16 + i] != tokens[0, 16 + i]), 32)
+    print(f"int8 experts: logits change {change:.4f} (relative), {same:.0%} of 32 greedy tokens kept, ", end="")
+    print(f"first change at token {first_diff}")
+    assert change < 0.05
+    with pytest.raises(ValueError, match="quantize_experts must be one of"):
+        hf.enable(model, quantize_experts="fp4")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from netmerge_fast import _checks, packed_experts, reference
-from netmerge_fast.dispatch import ACTIVATIONS, moe_experts
+from netmerge_fast.dispatch import ACTIVATIONS, moe_experts, run_validated
 from netmerge_fast.routing import load_balancing_loss, router_z_loss, topk_gating
 
 __all__ = ["MoEExperts", "SharedExpert", "SparseMoE"]
@@ -96,26 +96,24 @@ class MoEExperts(nn.Module):
         self._pack_cache.clear()  # .to() / .half() / ...: the packed copy is of the old weights
         return super()._apply(fn, recurse)
 
-    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, checked: bool = True
+    ) -> torch.Tensor:
+        """``moe_experts`` on the module's weights; ``checked=False`` skips its per-call checks, for routings that
+        are valid by construction (SparseMoE's own top-k: a decode step then does not pay them)."""
+        weights = (self.gate_up_proj, self.down_proj)
         if self.quantize is not None or packed_experts.runs_packed(
             hidden, self.gate_up_proj, self.backend, hidden, topk_weights, *self.parameters()
         ):
-            return moe_experts(
-                hidden,
-                self.packed(),
-                None,
-                topk_weights,
-                topk_ids,
-                activation=self.activation,
-                gated=self.gated,
-                b_gate_up=self.gate_up_proj_bias,
-                b_down=self.down_proj_bias,
-                backend=self.backend,
-            )
+            weights = (self.packed(), None)
+        if not checked:
+            return run_validated(
+                hidden, *weights, topk_weights, topk_ids, self.activation, self.gated, self.gate_up_proj_bias,
+                self.down_proj_bias, False, self.backend,
+            )  # fmt: skip
         return moe_experts(
             hidden,
-            self.gate_up_proj,
-            self.down_proj,
+            *weights,
             topk_weights,
             topk_ids,
             activation=self.activation,
@@ -253,7 +251,7 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         logits = self.gate(flat)
         weights, ids = topk_gating(logits, self.top_k, **self._routing_args(), backend=self.backend)
-        out = self.experts(flat, weights, ids)
+        out = self.experts(flat, weights, ids, checked=False)
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:
