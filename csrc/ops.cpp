@@ -31,7 +31,7 @@ TORCH_LIBRARY(netmerge, m) {
   m.def(
       "moe_experts(Tensor hidden, Tensor w_gate_up, Tensor w_down, Tensor topk_weights, Tensor topk_ids, "
       "str activation, bool gated, Tensor? b_gate_up, Tensor? b_down, bool apply_weights_on_input, "
-      "bool save_gate_up) -> "
+      "bool save_gate_up, bool gate_up_interleaved=False) -> "
       "(Tensor out, Tensor sorted_token_ids, Tensor expert_offsets, Tensor gate_up)");
   // Expert weights packed by netmerge_fast.pack_experts (the layout is in the shapes and dtypes; see dispatch.py).
   m.def(

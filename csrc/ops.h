@@ -22,7 +22,7 @@ namespace netmerge::cpu {
       const at::Tensor& hidden, const at::Tensor& w_gate_up, const at::Tensor& w_down,                             \
       const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation, bool gated,         \
       const std::optional<at::Tensor>& b_gate_up, const std::optional<at::Tensor>& b_down,                        \
-      bool apply_weights_on_input, bool save_gate_up);                                                             \
+      bool apply_weights_on_input, bool save_gate_up, bool gate_up_interleaved);                                   \
   at::Tensor moe_experts_packed(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down,      \
                                 const std::optional<at::Tensor>& gate_up_scales,                                   \
                                 const std::optional<at::Tensor>& down_scales, int64_t intermediate,                \

@@ -6,6 +6,7 @@ Every op takes ``backend="auto"``; ``backends()`` tells which backends this mach
 from netmerge_fast._backends import BackendStatus, backends
 from netmerge_fast.combine import combine_logits, logit_statistics
 from netmerge_fast.dispatch import moe_align, moe_experts
+from netmerge_fast.grouped_linear import grouped_linear
 from netmerge_fast.packed_experts import PackedExperts, pack_experts
 from netmerge_fast.routing import expert_counts, load_balancing_loss, router_z_loss, topk_gating
 
@@ -17,6 +18,7 @@ __all__ = [
     "backends",
     "combine_logits",
     "expert_counts",
+    "grouped_linear",
     "load_balancing_loss",
     "logit_statistics",
     "moe_align",

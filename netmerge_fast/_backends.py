@@ -41,6 +41,7 @@ _OPS: dict[str, tuple[_Impl, ...]] = {
     "moe_experts": (_Impl("triton"), _Impl("cpu", (*FUSED_DTYPES, torch.float64)), _Impl("torch", None)),
     # Weights packed by pack_experts; the torch backend unpacks them (the oracle, and any device).
     "moe_experts_packed": (_Impl("cpu"), _Impl("torch", None)),
+    "grouped_linear": (_Impl("triton"), _Impl("cpu", (*FUSED_DTYPES, torch.float64)), _Impl("torch", None)),
     "logit_statistics": (_Impl("cuda"), _Impl("cpu"), _Impl("torch", None)),
     "combine_logits": (_Impl("cuda"), _Impl("cpu"), _Impl("torch", None)),
 }

@@ -59,3 +59,35 @@ def finite_real(name: str, value: object) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
+
+
+MAX_SLOTS = 2**31 - 1  # slot numbers and sorted positions are int32
+
+
+def routing(
+    topk_weights: object, topk_ids: object, *, tokens: int, num_experts: int, like: torch.Tensor, like_name: str
+) -> None:
+    """Routing weights ``[T, k]`` float32 (or float64) and ids ``[T, k]`` in ``[-1, E)`` for the
+    ``tokens`` rows of ``like``, on its device. The id range is checked on CPU tensors in eager mode only (anywhere
+    else it would cost a host sync)."""
+    tensor("topk_weights", topk_weights, dim=2, floating=True)
+    tensor("topk_ids", topk_ids, dim=2, integer=True)
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights and topk_ids must have the same shape [T, k], got {list(topk_weights.shape)} and "
+            f"{list(topk_ids.shape)}"
+        )
+    if topk_ids.shape[0] != tokens:
+        raise ValueError(f"topk_ids must have one row per token of {like_name} (T={tokens}), got {topk_ids.shape[0]}")
+    if topk_weights.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"topk_weights must be float32 (float64 with float64 {like_name}), got {topk_weights.dtype}")
+    if topk_ids.numel() > MAX_SLOTS:
+        raise ValueError(f"T * k must be below 2^31, got {topk_ids.numel()}")
+    same_device("topk_weights", topk_weights, like_name, like)
+    same_device("topk_ids", topk_ids, like_name, like)
+    if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
+        low, high = (v.item() for v in torch.aminmax(topk_ids))
+        if low < -1 or high >= num_experts:
+            raise ValueError(
+                f"topk_ids must be in [-1, E={num_experts}) (-1: routed nowhere), got values in [{low}, {high}]"
+            )

@@ -6,6 +6,8 @@ netmerge-fast bench topk            one suite (topk, dispatch, layer, combine, h
 netmerge-fast bench topk --json out.json --quick
 netmerge-fast bench dispatch layer --dtype bfloat16 --plot out.png
 netmerge-fast bench hf              whole Hugging Face MoE models with integrations.hf.enable (not in the default)
+netmerge-fast bench hf_layout       GPT-OSS blocks on their own layout against the old in-place conversion
+netmerge-fast bench ep              expert parallelism over 1, 2, 4 local processes (Gloo; not in the default)
 netmerge-fast backends              what this machine can run
 netmerge-fast demo                  the Kang et al. reproduction table (needs the `demo` extra)
 netmerge-fast demo --seeds 5 --json table.json --plot table.png
@@ -27,6 +29,8 @@ SUITES = {
     "layer": "netmerge_fast.bench.layer",
     "combine": "netmerge_fast.bench.combine",
     "hf": "netmerge_fast.bench.hf",
+    "hf_layout": "netmerge_fast.bench.hf_layout",
+    "ep": "netmerge_fast.bench.ep",
 }
 # combine is left out of the default: its reference and per-row baselines take minutes.
 DEFAULT_SUITES = ("topk", "dispatch", "layer")
@@ -109,7 +113,10 @@ def _backends(_args: argparse.Namespace) -> int:
 
 # Reproduction name -> module in netmerge_fast.demo exposing cli(args) -> exit code; they share the demo's flags
 # (--seeds, --quick, --json, --plot). Without a name, `demo` runs the Kang et al. table.
-DEMOS: dict[str, str] = {}
+DEMOS: dict[str, str] = {
+    "deep-moe": "netmerge_fast.demo.deep_moe",  # Eigen, Ranzato & Sutskever (2013) on jittered MNIST
+    "expert-merging": "netmerge_fast.demo.expert_merging",  # Park (2024): usage-driven expert merging
+}
 
 
 def _demo(args: argparse.Namespace) -> int:

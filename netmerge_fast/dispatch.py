@@ -75,6 +75,8 @@ def moe_experts(
     b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
     apply_weights_on_input: bool = False,
+    transposed: bool = False,
+    gate_up_interleaved: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Run every token through its k experts and sum the weighted results: the expert half of a sparse MoE layer.
@@ -87,13 +89,13 @@ def moe_experts(
     Args:
         hidden: ``[T, H]`` float32, float16 or bfloat16 (any strides); float64 on the ``cpu`` and ``torch``
             backends (for gradcheck).
-        w_gate_up: ``[E, 2I, H]``, gate rows first then up rows (``[E, I, H]`` of up rows when not gated).
-            GPT-OSS stores ``[E, H, 2I]`` with gate and up interleaved: pass
-            ``torch.cat([w[..., ::2], w[..., 1::2]], -1).transpose(1, 2)`` (and its bias likewise).
-        w_down: ``[E, H, I]``. Both weights in hidden's dtype and on its device.
-            Or ``w_gate_up`` a ``PackedExperts`` (``pack_experts``: packed once, optionally int8) and ``w_down``
-            ``None``: inference only (``NotImplementedError`` if a gradient is needed), on the ``cpu`` backend
-            (``torch`` unpacks them); ``gated`` and hidden's dtype and H must match what was packed.
+        w_gate_up: ``[E, 2I, H]``, gate rows first then up rows (``[E, I, H]`` of up rows when not gated);
+            ``[E, H, 2I]`` with ``transposed=True``.
+        w_down: ``[E, H, I]`` (``[E, I, H]`` with ``transposed=True``). Both weights in hidden's dtype and on
+            its device, any strides.
+            Or ``w_gate_up`` a ``PackedExperts`` (``pack_experts``: packed once, any layout, optionally int8) and
+            ``w_down`` ``None``: inference only (``NotImplementedError`` if a gradient is needed), on the ``cpu``
+            backend (``torch`` unpacks them); ``gated`` and hidden's dtype and H must match what was packed.
         topk_weights: ``[T, k]`` float32 routing weights (float64 with float64 hidden).
         topk_ids: ``[T, k]`` integer expert ids in ``[0, E)``, or -1 for a slot routed nowhere (it contributes
             nothing, e.g. an expert on another rank).
@@ -103,6 +105,12 @@ def moe_experts(
         b_gate_up: optional ``[E, 2I]`` (``[E, I]``) bias of the first projection; b_down: optional ``[E, H]``.
         apply_weights_on_input: scale each token's input by its routing weight instead of the expert's output
             (Llama-4 style; the same for linear experts, not for others).
+        transposed: the weights are stored as the transpose of the nn.Linear layout, ``x @ w`` instead of
+            ``x @ w^T`` (GPT-OSS). They are read as they are, by strides, on every backend: no copy.
+        gate_up_interleaved: gate and up are interleaved along the 2I axis of ``w_gate_up`` and ``b_gate_up``
+            (gate = even, up = odd; GPT-OSS) instead of concatenated. Needs ``gated=True``.
+            GPT-OSS's experts go in as they are: ``transposed=True, gate_up_interleaved=True,
+            activation="swiglu_oai"`` with their biases.
         backend: ``"auto"``, ``"triton"`` (CUDA; CPU under TRITON_INTERPRET=1), ``"cpu"`` or ``"torch"``.
 
     Returns:
@@ -113,9 +121,9 @@ def moe_experts(
     same backend and machine. The intermediate activation is rounded to hidden's dtype, as in nn.Linear.
 
     Gradients flow to hidden, both weights, both biases and topk_weights on every backend (one backward, built
-    from each backend's grouped GEMMs). Errors name the argument: mismatched weight shapes, ids out of
-    ``[-1, E)`` (checked on CPU tensors; on GPU the check would cost a host sync, and ids outside ``[0, E)``
-    contribute nothing there), weights and ids of different shapes, float ids.
+    from each backend's grouped GEMMs), in the layout the weights were given in. Errors name the argument:
+    mismatched weight shapes, ids out of ``[-1, E)`` (checked on CPU tensors; on GPU the check would cost a host
+    sync, and ids outside ``[0, E)`` contribute nothing there), weights and ids of different shapes, float ids.
 
     Example (Mixtral)::
 
@@ -123,21 +131,28 @@ def moe_experts(
         out = moe_experts(hidden, w_gate_up, w_down, weights, ids)
     """
     if isinstance(w_gate_up, PackedExperts):
+        if transposed or gate_up_interleaved:
+            raise ValueError("transposed and gate_up_interleaved describe weight tensors: pass them to pack_experts")
         return packed_experts.run(
             hidden, w_gate_up, w_down, topk_weights, topk_ids, activation=activation, gated=gated,
             b_gate_up=b_gate_up, b_down=b_down, apply_weights_on_input=apply_weights_on_input, backend=backend,
         )  # fmt: skip
-    _validate(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down)
     _checks.boolean("apply_weights_on_input", apply_weights_on_input)
+    _checks.boolean("transposed", transposed)
+    _checks.boolean("gate_up_interleaved", gate_up_interleaved)
+    _validate(
+        hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, transposed,
+        gate_up_interleaved,
+    )  # fmt: skip
     return run_validated(
         hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down,
-        apply_weights_on_input, backend,
+        apply_weights_on_input, backend, transposed, gate_up_interleaved,
     )  # fmt: skip
 
 
 def run_validated(
     hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, apply_weights_on_input,
-    backend,
+    backend, transposed=False, gate_up_interleaved=False,
 ):  # fmt: skip
     """``moe_experts`` after its checks. For callers that check once what stays fixed (the weights, at set-up) and
     pass ids that are valid by construction (a router's top-k), so a decode step does not pay the checks each
@@ -161,19 +176,30 @@ def run_validated(
             b_gate_up=b_gate_up,
             b_down=b_down,
             apply_weights_on_input=apply_weights_on_input,
+            transposed=transposed,
+            gate_up_interleaved=gate_up_interleaved,
         )
     tensors = (hidden, w_gate_up, w_down, topk_weights, b_gate_up, b_down)
-    config = (activation, gated, apply_weights_on_input)
+    config = (activation, gated, apply_weights_on_input, transposed, gate_up_interleaved)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _MoeExperts.apply(chosen, topk_ids, *config, *tensors)
     kernels = _kernels(chosen)
+    w_gate_up, w_down = _linear_layout(w_gate_up, w_down, transposed)
     return kernels.moe_experts(
         hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down,
-        apply_weights_on_input, False,
+        apply_weights_on_input, False, gate_up_interleaved,
     )[0]  # fmt: skip
 
 
-def _validate(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down) -> None:
+def _linear_layout(w_gate_up, w_down, transposed):
+    """The weights as nn.Linear-shaped views ([E, out, in]): the kernels read either layout by strides."""
+    return (w_gate_up.transpose(1, 2), w_down.transpose(1, 2)) if transposed else (w_gate_up, w_down)
+
+
+def _validate(
+    hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, transposed=False,
+    gate_up_interleaved=False,
+) -> None:  # fmt: skip
     _checks.tensor("hidden", hidden, dim=2, floating=True)
     _checks.tensor("w_gate_up", w_gate_up, dim=3, floating=True)
     _checks.tensor("w_down", w_down, dim=3, floating=True)
@@ -183,17 +209,24 @@ def _validate(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gat
     _checks.boolean("gated", gated)
     if activation == "swiglu_oai" and not gated:
         raise ValueError("activation='swiglu_oai' needs gated=True")
+    if gate_up_interleaved and not gated:
+        raise ValueError("gate_up_interleaved=True needs gated=True")
     T, H = hidden.shape
-    E, inter = w_down.shape[0], w_down.shape[2]
+    gate_up, down = _linear_layout(w_gate_up, w_down, transposed)
+    E, inter = down.shape[0], down.shape[2]
     width = 2 * inter if gated else inter
+    what = "2I" if gated else "I"
+    layout = " (transposed=True)" if transposed else ""
     if E == 0 or inter == 0:
-        raise ValueError(f"w_down must be [E, H, I] with E, I >= 1, got {list(w_down.shape)}")
-    if w_down.shape[1] != H:
-        raise ValueError(f"w_down must be [E, H={H}, I], got {list(w_down.shape)}")
-    if tuple(w_gate_up.shape) != (E, width, H):
-        what = "2I" if gated else "I"
+        expected = "[E, I, H]" if transposed else "[E, H, I]"
+        raise ValueError(f"w_down must be {expected} with E, I >= 1{layout}, got {list(w_down.shape)}")
+    if down.shape[1] != H:
+        expected = f"[E, I, H={H}]" if transposed else f"[E, H={H}, I]"
+        raise ValueError(f"w_down must be {expected}{layout}, got {list(w_down.shape)}")
+    if tuple(gate_up.shape) != (E, width, H):
+        expected = f"[E={E}, H={H}, {what}={width}]" if transposed else f"[E={E}, {what}={width}, H={H}]"
         raise ValueError(
-            f"w_gate_up must be [E={E}, {what}={width}, H={H}] to match w_down {list(w_down.shape)} and hidden, "
+            f"w_gate_up must be {expected}{layout} to match w_down {list(w_down.shape)} and hidden, "
             f"got {list(w_gate_up.shape)}"
         )
     for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down)):
@@ -272,6 +305,8 @@ class _MoeExperts(torch.autograd.Function):
         activation,
         gated,
         apply_weights_on_input,
+        transposed,
+        interleaved,
         hidden,
         w_gate_up,
         w_down,
@@ -280,23 +315,24 @@ class _MoeExperts(torch.autograd.Function):
         b_down,
     ):
         out, sorted_ids, offsets, gate_up = _kernels(backend).moe_experts(
-            hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down,
-            apply_weights_on_input, True,
+            hidden, *_linear_layout(w_gate_up, w_down, transposed), topk_weights, topk_ids, activation, gated,
+            b_gate_up, b_down, apply_weights_on_input, True, interleaved,
         )  # fmt: skip
         ctx.save_for_backward(hidden, w_gate_up, w_down, topk_weights, b_down, sorted_ids, offsets, gate_up)
-        ctx.config = (backend, activation, gated, apply_weights_on_input, b_gate_up is not None)
+        has_b_gate_up = b_gate_up is not None
+        ctx.config = (backend, activation, gated, apply_weights_on_input, has_b_gate_up, transposed, interleaved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, w_gate_up, w_down, topk_weights, b_down, sorted_ids, offsets, gate_up = ctx.saved_tensors
-        backend, activation, gated, on_input, has_b_gate_up = ctx.config
-        needs = ctx.needs_input_grad[5:]
+        backend, activation, gated, on_input, has_b_gate_up, transposed, interleaved = ctx.config
+        needs = ctx.needs_input_grad[7:]
         grads = _experts_backward(
             _kernels(backend), grad_out, hidden, w_gate_up, w_down, topk_weights, b_down, sorted_ids, offsets,
-            gate_up, activation, gated, on_input, has_b_gate_up, needs,
+            gate_up, activation, gated, on_input, has_b_gate_up, needs, transposed, interleaved,
         )  # fmt: skip
-        return (None,) * 5 + grads
+        return (None,) * 7 + grads
 
 
 def _experts_backward(
@@ -315,12 +351,20 @@ def _experts_backward(
     on_input,
     has_b_gate_up,
     needs,
+    transposed=False,
+    interleaved=False,
 ):
-    """Gradients (hidden, w_gate_up, w_down, topk_weights, b_gate_up, b_down) from the saved expert-sorted state.
+    """Gradients (hidden, w_gate_up, w_down, topk_weights, b_gate_up, b_down) from the saved expert-sorted state,
+    the weights' in their own layout (``transposed``); ``gate_up`` and its gradient keep the weights' column order.
 
     Rows are the T*k slots in expert order; rows from expert_offsets[E] on are slots routed nowhere and are
     masked to zero so they contribute nothing (no host sync to find where they start).
     """
+    w_gate_up, w_down = _linear_layout(w_gate_up, w_down, transposed)
+    # d(x @ W^T)/dW is a^T @ b in the nn.Linear layout; its transpose b^T @ a for weights stored transposed.
+    weight_grad = (lambda a, b: kernels.grouped_mm_weight_grad(b, a, offsets)) if transposed else (
+        lambda a, b: kernels.grouped_mm_weight_grad(a, b, offsets)
+    )  # fmt: skip
     T, H = hidden.shape
     k = topk_weights.shape[1]
     S = T * k
@@ -333,7 +377,7 @@ def _experts_backward(
 
     # Down projection: d(act) before the routing weight, then the weight's share.
     d_act_unweighted = kernels.grouped_mm(grad_rows, w_down, offsets).to(acc)
-    act = _activate(gate_up.to(acc), activation, gated)
+    act = _activate(gate_up.to(acc), activation, gated, interleaved)
     grad_w = None
     if on_input:
         d_act, grad_y = d_act_unweighted, grad_rows
@@ -345,15 +389,15 @@ def _experts_backward(
             row_expert = torch.searchsorted(offsets[1:].long(), torch.arange(S, device=hidden.device), right=True)
             grad_w = grad_w + (grad_rows.to(acc) * b_down[row_expert.clamp(max=b_down.shape[0] - 1)].to(acc)).sum(-1)
     ones = torch.ones(S, 1, dtype=dtype, device=hidden.device)
-    grad_w_down = kernels.grouped_mm_weight_grad(grad_y, act.to(dtype), offsets) if needs[2] else None
+    grad_w_down = weight_grad(grad_y, act.to(dtype)) if needs[2] else None
     grad_b_down = kernels.grouped_mm_weight_grad(ones, grad_y, offsets)[:, 0] if needs[5] else None
 
     # Activation and first projection.
-    d_pre = _activation_backward(gate_up.to(acc), d_act, activation, gated).to(dtype)
+    d_pre = _activation_backward(gate_up.to(acc), d_act, activation, gated, interleaved).to(dtype)
     x_rows = hidden[token]
     if on_input:
         x_rows = (x_rows.to(acc) * row_weight[:, None]).to(dtype)
-    grad_w_gate_up = kernels.grouped_mm_weight_grad(d_pre, x_rows, offsets) if needs[1] else None
+    grad_w_gate_up = weight_grad(d_pre, x_rows) if needs[1] else None
     grad_b_gate_up = kernels.grouped_mm_weight_grad(ones, d_pre, offsets)[:, 0] if needs[4] and has_b_gate_up else None
     grad_hidden = None
     if needs[0] or (on_input and needs[3]):
@@ -369,11 +413,10 @@ def _experts_backward(
     return grad_hidden, grad_w_gate_up, grad_w_down, grad_topk_weights, grad_b_gate_up, grad_b_down
 
 
-def _activate(pre: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+def _activate(pre: torch.Tensor, activation: str, gated: bool, interleaved: bool) -> torch.Tensor:
     if not gated:
         return reference.elementwise_activation(activation, pre)
-    inter = pre.shape[1] // 2
-    return reference.gated_activation(activation, pre[:, :inter], pre[:, inter:])
+    return reference.gated_activation(activation, *reference.split_gate_up(pre, interleaved))
 
 
 def _derivative(activation: str, x: torch.Tensor) -> torch.Tensor:
@@ -390,11 +433,12 @@ def _derivative(activation: str, x: torch.Tensor) -> torch.Tensor:
     return (x > 0).to(x.dtype)  # relu
 
 
-def _activation_backward(pre: torch.Tensor, d_act: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+def _activation_backward(
+    pre: torch.Tensor, d_act: torch.Tensor, activation: str, gated: bool, interleaved: bool
+) -> torch.Tensor:
     if not gated:
         return d_act * _derivative(activation, pre)
-    inter = pre.shape[1] // 2
-    gate, up = pre[:, :inter], pre[:, inter:]
+    gate, up = reference.split_gate_up(pre, interleaved)
     if activation == "swiglu_oai":
         limit, alpha = reference.SWIGLU_OAI_LIMIT, reference.SWIGLU_OAI_ALPHA
         g = gate.clamp(max=limit)
@@ -405,7 +449,7 @@ def _activation_backward(pre: torch.Tensor, d_act: torch.Tensor, activation: str
     else:
         d_gate = d_act * up * _derivative(activation, gate)
         d_up = d_act * reference.elementwise_activation(activation, gate)
-    return torch.cat([d_gate, d_up], dim=1)
+    return torch.stack([d_gate, d_up], dim=2).flatten(1) if interleaved else torch.cat([d_gate, d_up], dim=1)
 
 
 if native_status().available:
@@ -420,8 +464,9 @@ if native_status().available:
 
     @torch.library.register_fake("netmerge::moe_experts")
     def _moe_experts_fake(
-        hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, on_input, save
-    ):
+        hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, on_input, save,
+        gate_up_interleaved=False,
+    ):  # fmt: skip
         slots = topk_ids.numel()
         return (
             torch.empty_like(hidden, memory_format=torch.contiguous_format),

@@ -12,6 +12,7 @@ __all__ = [
     "combine_logits",
     "combine_with_winner",
     "compute_dtype",
+    "grouped_linear",
     "logit_statistics",
     "moe_align",
     "moe_experts",
@@ -91,8 +92,9 @@ def topk_gating(
         group_allowed = torch.zeros(T, num_groups, dtype=torch.bool, device=x.device).scatter(1, best_groups, True)
         allowed = group_allowed.repeat_interleave(E // num_groups, dim=1)
 
-    # Rank by key (ties to the lower index), then move every disallowed expert behind the allowed ones.
-    order = _stable_descending_order(key)
+    # Rank the allowed experts by key (ties to the lower index), then the disallowed ones behind them in index
+    # order: they fill the slots left when the allowed groups hold fewer than k experts.
+    order = _stable_descending_order(key.masked_fill(~allowed, float("-inf")))
     order = order.gather(1, _stable_descending_order(allowed.gather(1, order).to(torch.int8)))
     ids = order[:, :k]
 
@@ -130,6 +132,14 @@ def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.T
         u = up.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT)
         return (u + 1) * g * torch.sigmoid(g * SWIGLU_OAI_ALPHA)
     return elementwise_activation(name, gate) * up
+
+
+def split_gate_up(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) halves of the first projection's output [..., 2I]: concatenated, or interleaved (GPT-OSS)."""
+    if interleaved:
+        return h[..., 0::2], h[..., 1::2]
+    inter = h.shape[-1] // 2
+    return h[..., :inter], h[..., inter:]
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_size: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -171,12 +181,15 @@ def moe_experts(
     b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
     apply_weights_on_input: bool = False,
+    transposed: bool = False,
+    gate_up_interleaved: bool = False,
 ) -> torch.Tensor:
+    if transposed:  # x @ w instead of x @ w^T: the nn.Linear layout is the transposed view
+        w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
     dtype = compute_dtype(hidden)
     T, k = topk_ids.shape
     x = hidden.to(dtype)
     weights = topk_weights.to(dtype)
-    inter = w_down.shape[2]
     per_slot = x.new_zeros(T, k, x.shape[1])
     for e in range(w_gate_up.shape[0]):
         token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
@@ -187,7 +200,11 @@ def moe_experts(
         h = rows @ w_gate_up[e].to(dtype).T
         if b_gate_up is not None:
             h = h + b_gate_up[e].to(dtype)
-        a = gated_activation(activation, h[:, :inter], h[:, inter:]) if gated else elementwise_activation(activation, h)
+        a = (
+            gated_activation(activation, *split_gate_up(h, gate_up_interleaved))
+            if gated
+            else elementwise_activation(activation, h)
+        )
         y = a @ w_down[e].to(dtype).T
         if b_down is not None:
             y = y + b_down[e].to(dtype)
@@ -416,3 +433,39 @@ def combine_logits(
     else:
         winner = torch.full((B,), -1, dtype=torch.int64, device=x.device)
     return combine_with_winner(x, class_counts, method, winner), winner
+
+
+# Activations of grouped_linear's single-layer experts: "none" (identity) and the element-wise ones.
+LINEAR_ACTIVATIONS = ("none", "relu", "silu", "gelu", "gelu_tanh")
+
+
+def linear_activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    return x if name == "none" else elementwise_activation(name, x)
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "relu",
+) -> torch.Tensor:
+    dtype = compute_dtype(x)
+    T, k = topk_ids.shape
+    per_slot = x.new_zeros(T, k, weight.shape[1], dtype=dtype)
+    for e in range(weight.shape[0]):
+        token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        y = x[token].to(dtype) @ weight[e].to(dtype).T
+        if bias is not None:
+            y = y + bias[e].to(dtype)
+        y = linear_activation(activation, y) * topk_weights[token, slot, None].to(dtype)
+        per_slot = per_slot.index_put((token, slot), y)
+    if per_slot.grad_fn is None and torch.is_grad_enabled():
+        # Nothing was routed: the output is still a function of the inputs, with zero gradients.
+        inputs = (x, weight, bias, topk_weights)
+        per_slot = per_slot + sum(0.0 * t.sum() for t in inputs if t is not None and t.requires_grad)
+    return per_slot.sum(1).to(x.dtype)

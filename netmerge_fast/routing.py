@@ -39,7 +39,10 @@ def topk_gating(
         bias: ``[E]`` added to the scores for selection only (DeepSeek-V3 ``e_score_correction_bias``);
             the weights use the unbiased scores. No gradient flows to it.
         num_groups, topk_groups: group-limited routing. The E experts form ``num_groups`` contiguous groups;
-            only experts of the best ``topk_groups`` groups can be picked. ``topk_groups=None`` keeps all.
+            the experts of the best ``topk_groups`` groups are picked first. ``topk_groups=None`` keeps all.
+            When those groups hold fewer than k experts (``topk_groups * E / num_groups < k``), the other
+            experts fill the remaining slots in index order, weighted by their own (unbiased) scores like
+            every slot: transformers' DeepSeek-V3 router masks them to -inf and lets its top-k take them.
         group_score: how a group is scored: ``"max"`` (its best key) or ``"top2_sum"`` (sum of its two best
             keys, DeepSeek-V3).
         softmax_after_topk: rank by raw logits (+ bias) and apply the softmax over the k chosen (GPT-OSS).
@@ -104,11 +107,6 @@ def _validate(
     group_size = E // num_groups
     if topk_groups is not None:
         _checks.integer("topk_groups", topk_groups, low=1, high=num_groups)
-        if topk_groups * group_size < k:
-            raise ValueError(
-                f"topk_groups * (E / num_groups) must be >= k: {topk_groups} groups of "
-                f"{group_size} experts cannot hold k={k}"
-            )
     _checks.choice("group_score", group_score, _GROUP_SCORES)
     if group_score == "top2_sum" and num_groups > 1 and group_size < 2:
         raise ValueError(f"group_score='top2_sum' needs groups of at least 2 experts, got {group_size}")
@@ -232,14 +230,27 @@ def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat.clamp(0, num_experts - 1), valid.long())
 
 
-def load_balancing_loss(router_logits: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(
+    router_logits: torch.Tensor,
+    ids: torch.Tensor,
+    num_experts: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Switch-Transformer / Mixtral auxiliary loss: ``E * sum_e f_e * P_e`` (float32 scalar; float64 input
     stays float64, as in every loss here).
 
     ``f_e`` is the fraction of tokens that chose expert e (counted over all k slots, so ``sum_e f_e = k``),
     ``P_e`` the mean softmax probability of expert e. Equals 1 * k for perfectly uniform routing; the
-    gradient flows through ``P`` into ``router_logits``. Same value as Hugging Face's
-    ``load_balancing_loss_func`` without an attention mask. An empty batch gives 0.
+    gradient flows through ``P`` into ``router_logits``. An empty batch gives 0.
+
+    Several layers go in as one batch: their logits (and ids) concatenated along the tokens, as Hugging Face's
+    ``load_balancing_loss_func`` concatenates its tuple of layers; the value is then the same as its.
+
+    ``attention_mask``: ``[B, S]`` (any shape with B*S elements), bool, integer or floating, for
+    ``router_logits`` of ``L * B * S`` rows (L layers of the same batch, in order): ``f`` and ``P`` then weigh
+    each token by its mask value (padding 0), over all layers, exactly as ``load_balancing_loss_func(...,
+    attention_mask)``. A mask without any unpadded token gives 0 (Hugging Face's gives NaN, 0/0).
     """
     _checks.tensor("router_logits", router_logits, dim=2, floating=True)
     _checks.tensor("ids", ids, dim=2, integer=True)
@@ -252,11 +263,31 @@ def load_balancing_loss(router_logits: torch.Tensor, ids: torch.Tensor, num_expe
         raise ValueError(f"ids must have one row per token ({router_logits.shape[0]}), got {ids.shape[0]}")
     T = router_logits.shape[0]
     x = router_logits.to(reference.compute_dtype(router_logits))
+    if attention_mask is not None:
+        _checks.tensor("attention_mask", attention_mask)
+        _checks.same_device("attention_mask", attention_mask, "router_logits", router_logits)
+        tokens = attention_mask.numel()
+        if tokens == 0 or T % tokens:
+            raise ValueError(
+                f"attention_mask must have B*S elements with router_logits' rows = layers * B*S, got "
+                f"{tokens} mask elements for {T} rows"
+            )
     if T == 0:
         return x.sum() * 0.0
     probs = torch.softmax(x, dim=-1)
-    fraction = expert_counts(ids, num_experts).float() / T
-    return num_experts * (fraction * probs.mean(0)).sum()
+    if attention_mask is None:
+        fraction = expert_counts(ids, num_experts).to(x.dtype) / T
+        return num_experts * (fraction * probs.mean(0)).sum()
+    # Row t is token t % (B*S) of layer t // (B*S).
+    weight = attention_mask.reshape(-1).to(x.dtype).repeat(T // attention_mask.numel())
+    total = weight.sum()
+    flat = ids.long()
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = x.new_zeros(num_experts).scatter_add_(
+        0, flat.clamp(0, num_experts - 1).reshape(-1), (weight[:, None] * valid).reshape(-1)
+    )
+    total = torch.where(total > 0, total, 1.0)  # no unpadded token: counts and probabilities are all 0
+    return num_experts * (counts * (weight[:, None] * probs).sum(0)).sum() / (total * total)
 
 
 def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:

@@ -98,3 +98,15 @@ def test_bench_hf_quick(tmp_path, capsys):
     for row in rows:
         assert row["ours_us"] > 0 and row["ours_tok_s"] > 0
         assert all(row[f"x_hf_{i}"] > 0 for i in ("grouped_mm", "eager", "batched_mm"))
+
+
+def test_bench_hf_layout_quick(tmp_path, capsys):
+    pytest.importorskip("transformers", minversion="5.0")
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "hf_layout", "--quick", "--json", str(out)]) == 0
+    assert "## hf_layout" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["suites"]["hf_layout"]
+    assert {(row["case"], row["T"]) for row in rows} == {("block", 1), ("train", 32)}
+    for row in rows:
+        assert row["direct_us"] > 0 and row["relaid_us"] > 0
+        assert row["x_relaid"] == pytest.approx(row["relaid_us"] / row["direct_us"])

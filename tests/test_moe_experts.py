@@ -121,6 +121,96 @@ def test_non_contiguous_inputs(backend, gen):
     check(backend, [hidden, w_gate_up, w_down, weights, ids], kwargs)
 
 
+def gpt_oss_layout(args, kwargs, transposed, interleaved):
+    """The same experts in GPT-OSS's layouts: transposed ([E, H, 2I], [E, I, H]) and/or gate/up interleaved."""
+
+    hidden, w_gate_up, w_down, weights, ids = args
+    kwargs = dict(kwargs)
+    if interleaved:
+        w_gate_up = torch.stack(w_gate_up.chunk(2, dim=1), dim=2).flatten(1, 2)
+        if "b_gate_up" in kwargs:
+            kwargs["b_gate_up"] = torch.stack(kwargs["b_gate_up"].chunk(2, dim=1), dim=2).flatten(1)
+    if transposed:
+        w_gate_up, w_down = w_gate_up.transpose(1, 2).contiguous(), w_down.transpose(1, 2).contiguous()
+    kwargs.update(transposed=transposed, gate_up_interleaved=interleaved)
+    return [hidden, w_gate_up, w_down, weights, ids], kwargs
+
+
+LAYOUTS = [(True, False), (False, True), (True, True)]
+
+
+@pytest.mark.parametrize("transposed, interleaved", LAYOUTS)
+def test_reference_reads_gpt_oss_layouts_as_the_plain_one(transposed, interleaved, gen):
+    args, kwargs = make_inputs(gen, 9, 2, 5, 24, 12, bias=True)
+    kwargs["activation"] = "swiglu_oai"
+    args[1].mul_(12)  # both clamps
+    expected = reference.moe_experts(*args, **kwargs)
+    hf_args, hf_kwargs = gpt_oss_layout(args, kwargs, transposed, interleaved)
+    # the layouts hold the same numbers: gate row i of expert e is column 2i (interleaved) of its transpose
+    if transposed and interleaved:
+        assert torch.equal(hf_args[1][:, :, 0::2], args[1][:, :12].transpose(1, 2))
+    # the same function; the transposed matmuls may round differently
+    torch.testing.assert_close(
+        reference.moe_experts(*hf_args, **hf_kwargs), expected, **tolerance(torch.float32, expected)
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("transposed, interleaved", LAYOUTS)
+@pytest.mark.parametrize("activation", ["swiglu_oai", "silu"])
+# decode (the K-major streaming kernel on cpu: ~1.5 and ~6 rows per expert) and prefill
+@pytest.mark.parametrize("T", [3, 12, 40])
+def test_gpt_oss_layouts_on_every_backend(T, activation, transposed, interleaved, dtype, backend, gen):
+    if backend == "triton" and dtype != torch.float32 and T > 3:
+        pytest.skip("interpreter: low-precision cases kept tiny")
+    # Odd H and I: column tiles with tails in both projections.
+    args, kwargs = make_inputs(gen, T, 3, 6, 33, 19, dtype=dtype, bias=True, routed_nowhere=0.1)
+    kwargs["activation"] = activation
+    if activation == "swiglu_oai":
+        args[1].mul_(12)
+    f32 = lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t
+    plain = reference.moe_experts(*map(f32, args), **{k: f32(v) for k, v in kwargs.items()})
+    out = check(backend, *gpt_oss_layout(args, kwargs, transposed, interleaved), dtype)
+    torch.testing.assert_close(out.cpu().float(), plain, **tolerance(dtype, plain))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("transposed, interleaved", LAYOUTS)
+@pytest.mark.parametrize("T", [3, 40])
+def test_gpt_oss_layout_gradients_in_the_model_layout(T, transposed, interleaved, backend, gen):
+    args, kwargs = make_inputs(gen, T, 2, 6, 24, 12, bias=True, routed_nowhere=0.1)
+    args[1].mul_(6)
+    args, kwargs = gpt_oss_layout(args, dict(kwargs, activation="swiglu_oai"), transposed, interleaved)
+    upstream = torch.randn(T, 24, generator=gen)
+
+    def grads(backend_):
+        device = device_for(backend_)
+        leaves = [a.to(device).requires_grad_(a.is_floating_point()) for a in args]
+        extra = {k: v.to(device).requires_grad_() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        (nf.moe_experts(*leaves, backend=backend_, **extra) * upstream.to(device)).sum().backward()
+        return [t.grad.cpu() for t in [*leaves[:4], extra["b_gate_up"], extra["b_down"]]]
+
+    names = ["hidden", "w_gate_up", "w_down", "topk_weights", "b_gate_up", "b_down"]
+    for name, g, w, a in zip(names, grads(backend), grads("torch"), [*args[:4], *kwargs.values()], strict=False):
+        assert g.shape == w.shape == a.shape, name  # the gradient in the weights' own layout
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="needs the cpu backend")
+def test_gradcheck_cpu_fp64_gpt_oss_layout(gen):
+    args, kwargs = make_inputs(gen, 7, 3, 4, 6, 5, dtype=torch.float64, bias=True, routed_nowhere=0.15)
+    args[3] = args[3].double()
+    args, kwargs = gpt_oss_layout(args, dict(kwargs, activation="silu"), True, True)
+    leaves = [a.requires_grad_() for a in args[:4]] + [kwargs[k].requires_grad_() for k in ("b_gate_up", "b_down")]
+
+    def f(hidden, w_gate_up, w_down, weights, b_gate_up, b_down):
+        extra = dict(kwargs, b_gate_up=b_gate_up, b_down=b_down)
+        return nf.moe_experts(hidden, w_gate_up, w_down, weights, args[4], backend="cpu", **extra)
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("T", [2, 300])
 def test_deterministic_bit_identical(backend, T, gen):
@@ -265,6 +355,9 @@ def _bad(**changes):
         (_bad(b_gate_up=torch.randn(3, 6)), ValueError, "b_gate_up"),
         (_bad(b_down=torch.randn(3, 9)), ValueError, "b_down"),
         (_bad(apply_weights_on_input="yes"), TypeError, "apply_weights_on_input"),
+        (_bad(transposed=True), ValueError, r"w_down must be \[E, I, H=8\] \(transposed=True\)"),
+        (_bad(transposed=1), TypeError, "transposed"),
+        (_bad(gate_up_interleaved=True, gated=False, w_gate_up=torch.randn(3, 6, 8)), ValueError, "interleaved"),
         (_bad(backend="gpu"), ValueError, "backend"),
     ],
 )
@@ -295,3 +388,18 @@ def test_inference_mode(backend, dtype, T, gen):
     with torch.inference_mode():
         out = nf.moe_experts(*dev_args, **dev_kwargs, backend=backend)
     torch.testing.assert_close(out.cpu().float(), expected, **tolerance(dtype, expected))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_inference_mode_then_training_in_one_thread(backend, gen):
+    # The CPU kernel keeps scratch buffers between calls: one made under inference_mode must not be reused outside.
+    args, kwargs = make_inputs(gen, 40, 2, 4, 32, 48)
+    args, kwargs = _to(device_for(backend), args, kwargs)
+    with torch.inference_mode():
+        expected = nf.moe_experts(*args, backend=backend, **kwargs)
+    hidden = args[0].clone().requires_grad_()
+    out = nf.moe_experts(hidden, *args[1:], backend=backend, **kwargs)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    with torch.inference_mode():
+        torch.testing.assert_close(nf.moe_experts(*args, backend=backend, **kwargs), expected)

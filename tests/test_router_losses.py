@@ -30,6 +30,57 @@ def test_load_balancing_loss_matches_hugging_face(T, E, k, dtype, gen):
         torch.testing.assert_close(ours, hf_load_balancing_loss(logits, k, E), rtol=1e-5, atol=1e-6)
 
 
+def hf_masked_load_balancing_loss(layer_logits, layer_ids, num_experts, attention_mask):
+    """Hugging Face's load_balancing_loss_func with an attention mask over several layers, written out
+    independently: per layer, each expert's share of the unpadded tokens' slots and its mean probability over
+    the unpadded tokens, both averaged over the layers, then E * sum_e f_e * P_e."""
+    mask = attention_mask.reshape(-1).float()
+    f = sum(F.one_hot(ids.long(), num_experts).float().sum(1).mul(mask[:, None]).sum(0) for ids in layer_ids)
+    p = sum(F.softmax(x.float(), dim=-1).mul(mask[:, None]).sum(0) for x in layer_logits)
+    rows = len(layer_logits) * mask.sum()
+    return num_experts * ((f / rows) * (p / rows)).sum()
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.bool, torch.float32], ids=str)
+def test_load_balancing_loss_with_attention_mask_matches_hugging_face(layers, mask_dtype, gen):
+    B, S, E, k = 3, 7, 8, 2
+    mask = torch.ones(B, S, dtype=torch.int64)
+    mask[0, :3] = 0  # left padding
+    mask[2, 5:] = 0  # right padding
+    logits = [torch.randn(B * S, E, generator=gen) for _ in range(layers)]
+    ids = [nf.topk_gating(x, k)[1] for x in logits]
+    ours = nf.load_balancing_loss(torch.cat(logits), torch.cat(ids), E, attention_mask=mask.to(mask_dtype))
+    torch.testing.assert_close(ours, hf_masked_load_balancing_loss(logits, ids, E, mask), rtol=1e-5, atol=1e-6)
+    # Padding changes the value; an all-ones mask gives the unmasked one.
+    unmasked = nf.load_balancing_loss(torch.cat(logits), torch.cat(ids), E)
+    assert not torch.allclose(ours, unmasked)
+    ones = torch.ones(B, S, dtype=mask_dtype)
+    torch.testing.assert_close(
+        nf.load_balancing_loss(torch.cat(logits), torch.cat(ids), E, attention_mask=ones), unmasked
+    )
+
+
+def test_load_balancing_loss_with_attention_mask_gradient_and_edge_cases(gen):
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
+    logits = torch.randn(16, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    ids = nf.topk_gating(logits.detach().float(), 2)[1]
+    loss = lambda x: nf.load_balancing_loss(x, ids, 6, attention_mask=mask)
+    torch.autograd.gradcheck(loss, (logits,))
+    # Padded tokens get no gradient.
+    (grad,) = torch.autograd.grad(loss(logits), logits)
+    padded = (mask.reshape(-1) == 0).repeat(2)
+    assert (grad[padded] == 0).all() and (grad[~padded] != 0).any()
+    # Nothing unpadded: 0 with zero gradient (Hugging Face's formula gives 0/0).
+    none = nf.load_balancing_loss(logits, ids, 6, attention_mask=torch.zeros(2, 4))
+    none.backward()
+    assert none.item() == 0 and (logits.grad == 0).all()
+    with pytest.raises(ValueError, match="attention_mask"):
+        nf.load_balancing_loss(logits, ids, 6, attention_mask=torch.ones(3, 2))
+    with pytest.raises(TypeError, match="attention_mask"):
+        nf.load_balancing_loss(logits, ids, 6, attention_mask=[[1, 1]])
+
+
 def test_load_balancing_loss_uniform_routing_is_k():
     E, k = 8, 2
     logits = torch.zeros(E * 4, E)

@@ -37,6 +37,26 @@ ROUTINGS = {
     "softmax_bias": (60, 5, {"bias": True, "num_groups": 4, "topk_groups": 2}),
     "gpt_oss_bias": (6, 6, {"softmax_after_topk": True, "bias": True}),
     "top2_no_bias": (64, 4, {"num_groups": 8, "topk_groups": 2, "group_score": "top2_sum"}),
+    # The chosen groups hold fewer than k experts: the others fill the remaining slots (transformers' DeepSeek-V3
+    # test model: 8 experts, 2 groups, top-1 group, k = 8).
+    "deepseek_v3_tester": (
+        8,
+        8,
+        {
+            "scoring": "sigmoid",
+            "bias": True,
+            "num_groups": 2,
+            "topk_groups": 1,
+            "group_score": "top2_sum",
+            "scale": 2.5,
+        },
+    ),
+    "groups_short": (16, 6, {"num_groups": 4, "topk_groups": 1}),
+    "groups_short_top2": (
+        24,
+        7,
+        {"scoring": "sigmoid", "bias": True, "num_groups": 6, "topk_groups": 1, "group_score": "top2_sum"},
+    ),
 }
 
 
@@ -201,6 +221,8 @@ def _adversarial(gen, T, E, dtype):
         "softmax_bias",
         "gpt_oss_bias",
         "top2_no_bias",
+        "deepseek_v3_tester",
+        "groups_short",
     ],
 )
 def test_adversarial_inputs(name, dtype, backend, gen):
@@ -245,6 +267,27 @@ def test_ties_go_to_the_lower_index(backend):
     # Groups tie too: groups {0,1} {2,3} {4,5} score 3, 3, 3 with the max rule -> the first two win.
     _, ids = nf.topk_gating(x, 4, num_groups=3, topk_groups=2, backend=backend)
     assert ids.cpu().tolist() == [[1, 2, 0, 3], [0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_groups_holding_fewer_than_k_experts_fill_in_index_order(backend):
+    """An explicit example of the documented rule, independent of the reference."""
+    device = device_for(backend)
+    x = torch.tensor([[0.1, 0.2, 3.0, 2.5, 0.3, 0.4, 0.0, 0.5], [0.0] * 8])
+    # Groups {0,1} {2,3} {4,5} {6,7}: the best (by max) is {2,3}; then experts 0, 1, 4, ... in index order.
+    w, ids = nf.topk_gating(x.to(device), 5, num_groups=4, topk_groups=1, scale=2.0, backend=backend)
+    assert ids.cpu().tolist() == [[2, 3, 0, 1, 4], [0, 1, 2, 3, 4]]
+    probs = torch.softmax(x, -1).gather(1, ids.cpu().long())
+    torch.testing.assert_close(w.cpu(), 2.0 * probs / probs.sum(-1, keepdim=True), rtol=1e-6, atol=1e-7)
+    # Sigmoid with a selection bias: the weights of the filling experts are their unbiased scores.
+    bias = torch.tensor([5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    w, ids = nf.topk_gating(
+        x.to(device), 8, scoring="sigmoid", bias=bias.to(device), num_groups=2, topk_groups=1,
+        group_score="top2_sum", renormalize=False, backend=backend,
+    )  # fmt: skip
+    # Row 0: group {0..3} scores 5.1 + 3.0 (bias included), {4..7} 0.5 + 0.4.
+    assert ids.cpu().tolist() == [[0, 2, 3, 1, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]]
+    torch.testing.assert_close(w.cpu(), torch.sigmoid(x).gather(1, ids.cpu().long()), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -375,7 +418,6 @@ def test_auto_backend_on_cpu_picks_the_native_kernel():
         ({"num_groups": 0}, ValueError, "num_groups"),
         ({"num_groups": 4, "topk_groups": 5}, ValueError, "topk_groups"),
         ({"num_groups": 4, "topk_groups": 0}, ValueError, "topk_groups"),
-        ({"k": 5, "num_groups": 4, "topk_groups": 2}, ValueError, "topk_groups"),
         ({"num_groups": 8, "group_score": "top2_sum"}, ValueError, "top2_sum"),
         ({"group_score": "mean"}, ValueError, "group_score"),
         ({"softmax_after_topk": True, "scoring": "sigmoid"}, ValueError, "softmax_after_topk"),

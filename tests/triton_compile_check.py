@@ -117,6 +117,7 @@ def moe_cases():
         tiles = {key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "PER_SLOT")}
         flags = {"HAS_BIAS": has_bias, "ON_INPUT": on_input}
         up = {**tiles, **flags, "GATED": gated, "ACT": moe.ACTIVATION_CODES[activation], "SAVE": True}
+        up["INTERLEAVED"] = activation == "swiglu_oai"  # GPT-OSS's own layout
         yield f"moe_experts/up/{name}", moe._up_kernel, UP_SIGNATURE, up, config["num_warps"]
         yield f"moe_experts/down/{name}", moe._down_kernel, DOWN_SIGNATURE, {**tiles, **flags}, config["num_warps"]
     yield "moe_experts/combine", moe._combine_kernel, COMBINE_SIGNATURE, {"BLOCK_H": 1024}, 4

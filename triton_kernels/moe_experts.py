@@ -131,6 +131,7 @@ def _up_kernel(
     HAS_BIAS: tl.constexpr,
     ON_INPUT: tl.constexpr,
     SAVE: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -140,6 +141,13 @@ def _up_kernel(
     token = tl.where(real, slot // top_k, 0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
+    # Columns of the gate and up halves in the weights' column order: [gate; up], or gate/up interleaved.
+    if INTERLEAVED:
+        gate_cols = 2 * cols
+        up_cols = 2 * cols + 1
+    else:
+        gate_cols = cols
+        up_cols = inter + cols
     w_expert = w_ptr + expert.to(tl.int64) * stride_we
     gate_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     up_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -151,11 +159,12 @@ def _up_kernel(
             mask=real[:, None] & k_ok[None, :],
             other=0.0,
         )
-        w_offsets = ks[:, None].to(tl.int64) * stride_wh + cols[None, :].to(tl.int64) * stride_wn
+        k_offsets = ks[:, None].to(tl.int64) * stride_wh
         w_mask = k_ok[:, None] & col_ok[None, :]
-        gate_acc = _mma(gate_acc, x, tl.load(w_expert + w_offsets, mask=w_mask, other=0.0), not PER_SLOT)
+        gate_w = tl.load(w_expert + k_offsets + gate_cols[None, :].to(tl.int64) * stride_wn, mask=w_mask, other=0.0)
+        gate_acc = _mma(gate_acc, x, gate_w, not PER_SLOT)
         if GATED:
-            up_w = tl.load(w_expert + inter * stride_wn + w_offsets, mask=w_mask, other=0.0)
+            up_w = tl.load(w_expert + k_offsets + up_cols[None, :].to(tl.int64) * stride_wn, mask=w_mask, other=0.0)
             up_acc = _mma(up_acc, x, up_w, not PER_SLOT)
     if ON_INPUT:
         # (w x) W^T = w (x W^T): the routing weight scales the accumulator instead of every input element.
@@ -165,9 +174,9 @@ def _up_kernel(
     out_type = act_ptr.dtype.element_ty
     if HAS_BIAS:
         bias = bias_ptr + expert.to(tl.int64) * (2 * inter if GATED else inter)
-        gate_acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        gate_acc += tl.load(bias + gate_cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            up_acc += tl.load(bias + inter + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            up_acc += tl.load(bias + up_cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     # Round the pre-activation to the input dtype, as an nn.Linear output would be, before activating it.
     gate = gate_acc.to(out_type).to(tl.float32)
     up = up_acc.to(out_type).to(tl.float32)
@@ -177,9 +186,9 @@ def _up_kernel(
     if SAVE:
         dense = tl.load(dense_row_ptr + rows, mask=real, other=0).to(tl.int64)
         width = 2 * inter if GATED else inter
-        tl.store(gate_up_ptr + dense[:, None] * width + cols[None, :], gate.to(out_type), mask=store_mask)
+        tl.store(gate_up_ptr + dense[:, None] * width + gate_cols[None, :], gate.to(out_type), mask=store_mask)
         if GATED:
-            tl.store(gate_up_ptr + dense[:, None] * width + inter + cols[None, :], up.to(out_type), mask=store_mask)
+            tl.store(gate_up_ptr + dense[:, None] * width + up_cols[None, :], up.to(out_type), mask=store_mask)
 
 
 @triton.jit
@@ -341,6 +350,7 @@ def moe_experts_triton(
     b_down: torch.Tensor | None,
     apply_weights_on_input: bool,
     save_gate_up: bool,
+    gate_up_interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     T, H = hidden.shape
     E, inter = w_down.shape[0], w_down.shape[2]
@@ -401,6 +411,7 @@ def moe_experts_triton(
         GATED=gated,
         ACT=ACTIVATION_CODES[activation],
         SAVE=save_gate_up,
+        INTERLEAVED=gate_up_interleaved,
         **tiles,
         **dict(flags, HAS_BIAS=b_gate_up is not None),
     )

@@ -14,6 +14,7 @@
 
 #include "cpu/avx512_bf16.h"
 #include "cpu/isa.h"
+#include "cpu/stream_gemm_kmajor.h"
 #include "ops.h"
 
 namespace netmerge::cpu::NETMERGE_ISA {
@@ -25,6 +26,8 @@ constexpr int64_t L = Vec::size();
 // The least output columns per task of the weight-streaming kernel and of a matmul.
 constexpr int64_t kMinStreamColumns = 64;
 constexpr int64_t kMinMatmulColumns = 128;
+// Rows of an expert up to which the K-major streaming kernel (cpu/stream_gemm_kmajor.h) replaces ATen's matmul.
+constexpr int64_t kKmajorMaxRows = kmajor::kMaxRows;
 
 // Whether this build may call the vdpbf16ps kernels now (cpu/avx512_bf16.h).
 inline bool bf16_dot_available() {
@@ -251,6 +254,9 @@ struct Task {
 void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offsets, at::Tensor& out) {
   const int64_t E = w.size(0), N = w.size(1), K = w.size(2);
   const bool streamable = x.scalar_type() != at::kDouble && w.stride(2) == 1;
+  // K-major weights (unit stride along N: GPT-OSS's experts, and the nn.Linear ones in the backward).
+  const bool streamable_kmajor = x.scalar_type() != at::kDouble && !streamable && w.stride(1) == 1;
+  const bool pack_kmajor = w.stride(2) != 1 && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
   const int64_t max_stream_rows = stream_max_rows(x.scalar_type());
   const int64_t threads = at::get_num_threads();
 
@@ -263,7 +269,8 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
     const int64_t rows = offsets[e + 1] - offsets[e];
     if (rows == 0) continue;
     const int64_t parts = std::max<int64_t>(1, (8 * threads * rows + total_rows - 1) / total_rows);
-    const int64_t least = streamable && rows <= max_stream_rows ? kMinStreamColumns : kMinMatmulColumns;
+    const bool stream = (streamable && rows <= max_stream_rows) || (streamable_kmajor && rows <= kKmajorMaxRows);
+    const int64_t least = stream ? kMinStreamColumns : kMinMatmulColumns;
     const int64_t width = std::max(least, (N + parts - 1) / parts);
     for (int64_t c = 0; c < N; c += width) tasks.push_back({e, c, std::min(N, c + width)});
   }
@@ -309,6 +316,12 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
                       out_ptr + r0 * N, N, xf);
           return;
         }
+        if (streamable_kmajor && rows <= kKmajorMaxRows) {
+          thread_local std::vector<float> xf, partial;
+          kmajor::stream_gemm(x_ptr + r0 * K, rows, K, w_ptr + t.expert * w.stride(0), w.stride(2), t.c0, t.c1,
+                              out_ptr + r0 * N, N, xf, partial);
+          return;
+        }
       }
 #if defined(__AVX512F__)
       if (panel_offset[t.expert] >= 0 &&
@@ -317,7 +330,11 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
         return;
 #endif
       auto dst = out.narrow(0, r0, rows).narrow(1, t.c0, t.c1 - t.c0);
-      at::mm_out(dst, x.narrow(0, r0, rows), w.select(0, t.expert).narrow(0, t.c0, t.c1 - t.c0).t());
+      auto w_tile = w.select(0, t.expert).narrow(0, t.c0, t.c1 - t.c0);
+      // ATen's float16/bfloat16 CPU matmul is fast only on weights in the nn.Linear layout (about 6x slower on
+      // K-major ones, measured on Zen 3): pack a K-major tile so first, a copy the GEMM's rows amortise.
+      if (pack_kmajor) w_tile = w_tile.contiguous();
+      at::mm_out(dst, x.narrow(0, r0, rows), w_tile.t());
     }, flops, weight_bytes);
   });
 }

@@ -9,6 +9,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/InferenceMode.h>
 
 #include <array>
 #include <vector>
@@ -71,7 +72,11 @@ inline at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::Tensor
   if (need * static_cast<int64_t>(options.dtype().itemsize()) > kScratchBytes) return at::empty({rows, cols}, options);
   thread_local std::array<at::Tensor, 4> cache;
   at::Tensor& buffer = cache[slot];
-  if (!buffer.defined() || buffer.numel() < need || buffer.dtype() != options.dtype())
+  // A buffer made under torch.inference_mode is an inference tensor, which ATen refuses to write outside it (and
+  // the reverse holds for a normal one inside it, as views): one made in the other mode is replaced.
+  const bool inference = c10::InferenceMode::is_enabled();
+  if (!buffer.defined() || buffer.numel() < need || buffer.dtype() != options.dtype() ||
+      buffer.is_inference() != inference)
     buffer = at::empty({need}, options);
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
 }

@@ -4,8 +4,10 @@
 // 1. One counting sort groups the T * k slots by expert (stable: increasing slot index within an expert).
 // 2. The rows of each expert are gathered into one contiguous block (scaled by the routing weight when it
 //    applies to the input), so every expert's GEMM reads a plain [rows, H] slice.
-// 3. gate_up = rows @ w_gate_up[e]^T, per expert (cpu/grouped_gemm.cpp).
-// 4. Bias and activation in one vectorised pass, in opmath precision (float, or double for double).
+// 3. gate_up = rows @ w_gate_up[e]^T, per expert (cpu/grouped_gemm.cpp). The weights are read by strides:
+//    the nn.Linear layout or its transpose (GPT-OSS's storage) as they are, without a copy.
+// 4. Bias and activation in one vectorised pass, in opmath precision (float, or double for double). Gate and
+//    up columns are concatenated ([gate; up]) or interleaved (gate = even columns, up = odd: GPT-OSS).
 // 5. y = act @ w_down[e]^T, per expert.
 // 6. out[t] = sum over t's slots, in slot order, of weight * (y + b_down): float accumulation, no atomics.
 #include <ATen/Dispatch.h>
@@ -29,12 +31,13 @@ using namespace moe;
 // Rows [r0, r1) of gate_up (+ bias, written back: the backward needs the pre-activation) -> act.
 template <typename scalar_t>
 void activate_rows(scalar_t* gate_up, const scalar_t* bias, const int32_t* row_expert, int64_t r0, int64_t r1,
-                   int64_t I, bool gated, Activation a, scalar_t* out) {
+                   int64_t I, bool gated, bool interleaved, Activation a, scalar_t* out) {
   using opmath_t = at::opmath_type<scalar_t>;
   using V = at::vec::Vectorized<opmath_t>;
   constexpr int64_t L = V::size();
   const int64_t width = gated ? 2 * I : I;
   std::vector<opmath_t> buf(at::divup(width, L) * L + L, opmath_t(0)), bias_buf(width), res(I);
+  std::vector<opmath_t> split(interleaved ? 2 * I : 0);
   for (int64_t r = r0; r < r1; ++r) {
     scalar_t* row = gate_up + r * width;
     const scalar_t* b = bias ? bias + static_cast<int64_t>(row_expert[r]) * width : nullptr;
@@ -48,6 +51,10 @@ void activate_rows(scalar_t* gate_up, const scalar_t* bias, const int32_t* row_e
     }
     opmath_t* g = buf.data();
     opmath_t* u = gated ? buf.data() + I : nullptr;
+    if (interleaved) {  // gate = even columns, up = odd columns
+      for (int64_t i = 0; i < I; ++i) split[i] = buf[2 * i], split[I + i] = buf[2 * i + 1];
+      g = split.data(), u = split.data() + I;
+    }
     for (int64_t i = 0; i < I; i += L) {
       const int64_t n = std::min(L, I - i);
       const V gv = V::loadu(g + i, n);
@@ -63,7 +70,8 @@ void activate_rows(scalar_t* gate_up, const scalar_t* bias, const int32_t* row_e
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     const at::Tensor& hidden, const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& topk_weights,
     const at::Tensor& topk_ids, c10::string_view activation, bool gated, const std::optional<at::Tensor>& b_gate_up,
-    const std::optional<at::Tensor>& b_down, bool apply_weights_on_input, bool save_gate_up) {
+    const std::optional<at::Tensor>& b_down, bool apply_weights_on_input, bool save_gate_up,
+    bool gate_up_interleaved) {
   TORCH_CHECK(hidden.dim() == 2 && w_gate_up.dim() == 3 && w_down.dim() == 3, "moe_experts: bad ranks");
   const int64_t T = hidden.size(0), H = hidden.size(1), E = w_gate_up.size(0), I = w_down.size(2);
   const int64_t width = gated ? 2 * I : I;
@@ -75,11 +83,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
   TORCH_CHECK(w_gate_up.scalar_type() == dtype && w_down.scalar_type() == dtype,
               "moe_experts: weights must have hidden's dtype");
   const Activation a = parse_activation(activation, gated);
+  TORCH_CHECK(!gate_up_interleaved || gated, "moe_experts: gate_up_interleaved needs gated=True");
   const int64_t k = topk_ids.size(1), slots = T * k;
 
   const auto x = hidden.contiguous();
-  const auto wgu = w_gate_up.stride(2) == 1 ? w_gate_up : w_gate_up.contiguous();
-  const auto wd = w_down.stride(2) == 1 ? w_down : w_down.contiguous();
+  // Rows or columns of unit stride (the nn.Linear layout, or its transpose) are read in place.
+  const auto in_place = [](const at::Tensor& w) { return w.stride(2) == 1 || w.stride(1) == 1; };
+  const auto wgu = in_place(w_gate_up) ? w_gate_up : w_gate_up.contiguous();
+  const auto wd = in_place(w_down) ? w_down : w_down.contiguous();
   const auto ids = topk_ids.contiguous().to(at::kInt);
   const auto weights = topk_weights.contiguous().to(hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor bgu, bd;
@@ -128,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     auto hidden_act = scratch(2, rows, I, hidden.options());
     at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
       activate_rows(gate_up.data_ptr<scalar_t>(), bgu.defined() ? bgu.const_data_ptr<scalar_t>() : nullptr,
-                    perm.row_expert.data(), r0, r1, I, gated, a, hidden_act.data_ptr<scalar_t>());
+                    perm.row_expert.data(), r0, r1, I, gated, gate_up_interleaved, a, hidden_act.data_ptr<scalar_t>());
     });
     auto y = scratch(3, rows, H, hidden.options());
     grouped_gemm(hidden_act, wd, starts.data(), y);

@@ -351,8 +351,7 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t
   TORCH_CHECK(E < (int64_t{1} << 30), "topk_gating: too many experts");
   TORCH_CHECK(1 <= k && k <= E, "topk_gating: k must be in [1, E]");
   TORCH_CHECK(num_groups >= 1 && E % num_groups == 0, "topk_gating: num_groups must divide E");
-  TORCH_CHECK(1 <= topk_groups && topk_groups <= num_groups && topk_groups * (E / num_groups) >= k,
-              "topk_gating: topk_groups out of range");
+  TORCH_CHECK(1 <= topk_groups && topk_groups <= num_groups, "topk_gating: topk_groups out of range");
   TORCH_CHECK(scoring == "softmax" || scoring == "sigmoid", "topk_gating: scoring must be softmax|sigmoid");
   TORCH_CHECK(group_score == "max" || group_score == "top2_sum", "topk_gating: group_score must be max|top2_sum");
   const bool top2_sum = group_score == "top2_sum" && num_groups > 1;

@@ -28,7 +28,9 @@ HOST_DEVICE inline int64_t rank_of(float key, int64_t index) {
   return make_rank(bits ^ ((bits >> 31) & 0x7FFFFFFF), index);
 }
 
-// Outside the chosen groups: behind every real key (even -inf), still ordered by index.
+// Outside the chosen groups: behind every real key (even -inf), still ordered by index. When the chosen groups
+// hold fewer than k experts these fill the remaining slots, lowest index first, weighted by their own scores
+// (transformers' DeepSeek-V3 router masks them to -inf and its top-k takes some of them, in no defined order).
 HOST_DEVICE inline int64_t disallowed_rank(int64_t index) { return make_rank(INT32_MIN, index); }
 
 HOST_DEVICE inline int32_t index_of_rank(int64_t rank) {

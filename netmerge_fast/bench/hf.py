@@ -243,6 +243,16 @@ def time_interleaved(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def have_transformers(suite: str, progress: Callable[[str], None] | None) -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        if progress:
+            progress(f"{suite}: transformers is not installed; nothing to run")
+        return False
+    return True
+
+
 def run(
     *,
     device: str = "cpu",
@@ -255,11 +265,7 @@ def run(
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (model, case): our time and tokens/s, each HF implementation's time / ours."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        if progress:
-            progress("hf: transformers is not installed; nothing to run")
+    if not have_transformers("hf", progress):
         return []
     rows = []
     for spec in models:

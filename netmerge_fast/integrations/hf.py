@@ -14,12 +14,12 @@ experts module is inspected once at ``enable`` (``has_gate``, ``has_bias``, ``is
 their outputs and their hooks (so ``output_router_logits=True`` and the load-balancing loss work as before); only
 the instance's ``forward`` is replaced.
 
-GPT-OSS stores its experts transposed with gate and up interleaved. At ``enable`` the same Parameter objects get
-our layout in place (gate columns then up columns, storage ``[E, 2I, H]`` / ``[E, H, I]``, shapes unchanged), so
-no call converts anything; the module's ``_apply_gate`` and ``state_dict`` / ``load_state_dict`` follow, so every
-experts implementation still computes the same function and checkpoints keep Hugging Face's order. ``disable``
-converts back. Build optimizers after ``enable`` (or ``disable``): optimizer state made before holds the old
-column order.
+``enable`` touches no parameter: every family's experts are read in their own layout (GPT-OSS's transposed,
+interleaved weights through ``moe_experts(..., transposed=True, gate_up_interleaved=True)``), so parameters,
+optimizer state and checkpoints stay the model's own, and ``disable`` only undoes forwards. A router or experts
+module is patched only where netmerge-fast computes exactly what transformers does, on a fused backend (``cpu``,
+``triton``) for the module's device and dtype; the others stay on transformers' code, with the reason in
+``report.skipped``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmerge_fast import _checks, packed_experts, reference
+from netmerge_fast._backends import resolve
 from netmerge_fast.dispatch import moe_experts, run_validated
 from netmerge_fast.routing import topk_gating
 
@@ -47,7 +48,6 @@ class HFPatchReport:
 
     routers: list[str] = field(default_factory=list)
     experts: list[str] = field(default_factory=list)
-    relayout: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     previous_experts_implementation: dict | None = None
 
@@ -59,16 +59,18 @@ class HFPatchReport:
 # --- routing ------------------------------------------------------------------------------------------------------
 
 
-def _softmax_router(cast_weights: bool):
-    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE: softmax over all experts, top-k, renormalised if norm_topk_prob.
+def _softmax_routing(module: nn.Module) -> dict:
+    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE: softmax over all experts, top-k, renormalised if norm_topk_prob
+    (Mixtral has none: it always renormalises; read __dict__ to skip nn.Module's slow attribute miss)."""
+    return {"k": module.top_k, "renormalize": bool(module.__dict__.get("norm_topk_prob", True))}
 
-    Mixtral always renormalises and returns float32 weights; the others cast the weights to the logits' dtype.
-    """
+
+def _softmax_router(cast_weights: bool):
+    """Mixtral returns float32 weights; the others cast the weights to the logits' dtype."""
 
     def forward(self, hidden_states):
         logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
-        # Mixtral has no norm_topk_prob (it always renormalises); read __dict__ to skip nn.Module's slow miss.
-        weights, ids = topk_gating(logits, self.top_k, renormalize=bool(self.__dict__.get("norm_topk_prob", True)))
+        weights, ids = topk_gating(logits, **_softmax_routing(self))
         if cast_weights:
             weights = weights.to(logits.dtype)
         return logits, weights, ids.long()
@@ -76,38 +78,48 @@ def _softmax_router(cast_weights: bool):
     return forward
 
 
+def _deepseek_v3_routing(module: nn.Module) -> dict:
+    """Sigmoid scores, e_score_correction_bias for selection, top-2-sum group limiting (groups that hold fewer than
+    k experts: the others fill in, as transformers' top-k over the -inf-masked scores takes them),
+    routed_scaling_factor."""
+    return {
+        "k": module.top_k,
+        "scoring": "sigmoid",
+        "renormalize": bool(module.norm_topk_prob),
+        "bias": module.e_score_correction_bias,
+        "num_groups": module.num_group,
+        "topk_groups": module.topk_group,
+        "group_score": "top2_sum",
+        "scale": float(module.routed_scaling_factor),
+    }
+
+
 def _deepseek_v3_router(self, hidden_states):
-    """Sigmoid scores, e_score_correction_bias for selection, top-2-sum group limiting, routed_scaling_factor."""
     logits = F.linear(hidden_states.reshape(-1, self.hidden_dim).float(), self.weight.float())
-    weights, ids = topk_gating(
-        logits,
-        self.top_k,
-        scoring="sigmoid",
-        renormalize=bool(self.norm_topk_prob),
-        bias=self.e_score_correction_bias,
-        num_groups=self.num_group,
-        topk_groups=self.topk_group,
-        group_score="top2_sum",
-        scale=float(self.routed_scaling_factor),
-    )
+    weights, ids = topk_gating(logits, **_deepseek_v3_routing(self))
     return logits, weights, ids.long()
 
 
+def _gpt_oss_routing(module: nn.Module) -> dict:
+    """Top-k on the biased logits, softmax over the k chosen."""
+    return {"k": module.top_k, "softmax_after_topk": True}
+
+
 def _gpt_oss_router(self, hidden_states):
-    """Top-k on the biased logits, softmax over the k chosen (in the logits' dtype, as GPT-OSS)."""
     logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight, self.bias)
-    weights, ids = topk_gating(logits, self.top_k, softmax_after_topk=True)
-    return logits, weights.to(logits.dtype), ids.long()
+    weights, ids = topk_gating(logits, **_gpt_oss_routing(self))
+    return logits, weights.to(logits.dtype), ids.long()  # the weights in the logits' dtype, as GPT-OSS
 
 
-# (module of the modeling file, router class) -> forward that replaces the instance's.
+# (module of the modeling file, router class) -> (forward that replaces the instance's, its topk_gating arguments,
+# the dtype of its logits: None for the router weight's).
 _ROUTERS = {
-    ("mixtral", "MixtralTopKRouter"): _softmax_router(cast_weights=False),
-    ("qwen2_moe", "Qwen2MoeTopKRouter"): _softmax_router(cast_weights=True),
-    ("qwen3_moe", "Qwen3MoeTopKRouter"): _softmax_router(cast_weights=True),
-    ("olmoe", "OlmoeTopKRouter"): _softmax_router(cast_weights=True),
-    ("deepseek_v3", "DeepseekV3TopkRouter"): _deepseek_v3_router,
-    ("gpt_oss", "GptOssTopKRouter"): _gpt_oss_router,
+    ("mixtral", "MixtralTopKRouter"): (_softmax_router(cast_weights=False), _softmax_routing, None),
+    ("qwen2_moe", "Qwen2MoeTopKRouter"): (_softmax_router(cast_weights=True), _softmax_routing, None),
+    ("qwen3_moe", "Qwen3MoeTopKRouter"): (_softmax_router(cast_weights=True), _softmax_routing, None),
+    ("olmoe", "OlmoeTopKRouter"): (_softmax_router(cast_weights=True), _softmax_routing, None),
+    ("deepseek_v3", "DeepseekV3TopkRouter"): (_deepseek_v3_router, _deepseek_v3_routing, torch.float32),
+    ("gpt_oss", "GptOssTopKRouter"): (_gpt_oss_router, _gpt_oss_routing, None),
 }
 _UNSUPPORTED = {
     "SwitchTransformersTop1Router": "Switch Transformers routes top-1 with a per-sequence expert capacity "
@@ -134,8 +146,7 @@ def _looks_like_router(module: nn.Module) -> bool:
 @dataclass
 class _ExpertsPlan:
     activation: str
-    interleaved: bool  # GPT-OSS: gate/up columns were reordered at enable (state_dict hooks undo it)
-    handles: list = field(default_factory=list)
+    interleaved: bool  # GPT-OSS: gate/up columns interleaved (gate = even, up = odd)
     quantize: str | None = None  # enable(quantize_experts=...)
     packed: packed_experts.PackCache = field(default_factory=packed_experts.PackCache)
 
@@ -178,102 +189,69 @@ def _plan_experts(module: nn.Module) -> _ExpertsPlan | str:
     return _ExpertsPlan(activation, interleaved=False)
 
 
-def _first_weight_name(module: nn.Module) -> str:
-    return "gate_up_proj" if module.has_gate else "up_proj"
-
-
-def _to_concatenated(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x[..., ::2], x[..., 1::2]], dim=-1)
-
-
-def _to_interleaved(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.stack([x[..., :half], x[..., half:]], dim=-1).flatten(-2)
-
-
-@torch.no_grad()
-def _relayout(module: nn.Module, plan: _ExpertsPlan) -> None:
-    """Give transposed experts our storage (``[E, out, in]`` contiguous) under their own shapes, once."""
-    first = getattr(module, _first_weight_name(module))
-    if plan.interleaved:
-        first.data = _to_concatenated(first.data).transpose(1, 2).contiguous().transpose(1, 2)
-        module.gate_up_proj_bias.data = _to_concatenated(module.gate_up_proj_bias.data).contiguous()
-        # Every experts implementation calls _apply_gate: make it read the new column order.
-        cls_gate = type(module)._apply_gate
-        module._apply_gate = types.MethodType(lambda self, gu: cls_gate(self, _to_interleaved(gu)), module)
-        plan.handles.append(module._register_state_dict_hook(_state_dict_to_hf))
-        plan.handles.append(module.register_load_state_dict_pre_hook(_load_from_hf))
-    else:
-        first.data = first.data.transpose(1, 2).contiguous().transpose(1, 2)
-    module.down_proj.data = module.down_proj.data.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-@torch.no_grad()
-def _restore_layout(module: nn.Module, plan: _ExpertsPlan) -> None:
-    for handle in plan.handles:
-        handle.remove()
-    first = getattr(module, _first_weight_name(module))
-    if plan.interleaved:
-        first.data = _to_interleaved(first.data).contiguous()
-        module.gate_up_proj_bias.data = _to_interleaved(module.gate_up_proj_bias.data).contiguous()
-        module.__dict__.pop("_apply_gate", None)
-    else:
-        first.data = first.data.contiguous()
-    module.down_proj.data = module.down_proj.data.contiguous()
-
-
-def _state_dict_to_hf(module, state_dict, prefix, _metadata):
-    for name in ("gate_up_proj", "gate_up_proj_bias"):
-        if prefix + name in state_dict:
-            state_dict[prefix + name] = _to_interleaved(state_dict[prefix + name]).contiguous()
-    return state_dict
-
-
-def _load_from_hf(module, state_dict, prefix, *_args):
-    for name in ("gate_up_proj", "gate_up_proj_bias"):
-        if prefix + name in state_dict:
-            state_dict[prefix + name] = _to_concatenated(state_dict[prefix + name])
-
-
 def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """The ``"netmerge"`` experts implementation: one ``moe_experts`` call on the module's own parameters."""
     plan = self.__dict__.get("_netmerge_plan")
     if not isinstance(plan, _ExpertsPlan) or self._is_expert_parallel:
         return _fallback(self, plan)(self, hidden_states, top_k_index, top_k_weights)
-    first = getattr(self, "gate_up_proj" if self.has_gate else "up_proj")
-    down = self.down_proj
-    if self.is_transposed:  # views of the [E, out, in] storage made at enable
-        first, down = first.transpose(1, 2), down.transpose(1, 2)
-    b_first = b_down = None
-    if self.has_bias:
-        b_first = self.gate_up_proj_bias if self.has_gate else self.up_proj_bias
-        b_down = self.down_proj_bias
-    # The weights were checked at enable and the ids come from a router's top-k: skip moe_experts' per-call checks.
+    first, down, b_first, b_down = _expert_tensors(self)
     x = hidden_states.to(first.dtype)
-    weights = (first, down)
+    layout = (self.is_transposed, plan.interleaved)
     if plan.quantize is not None or packed_experts.runs_packed(
-        x, first, "auto", x, top_k_weights, *weights, b_first, b_down
+        x, first, "auto", x, top_k_weights, first, down, b_first, b_down
     ):
-        weights = (plan.packed.get(first, down, quantize=plan.quantize), None)  # CPU inference, or int8: packed once
+        # CPU inference, or int8: the weights packed once into the micro-kernel's layout (gate and up concatenated).
+        packed = plan.packed.get(
+            first, down, quantize=plan.quantize, transposed=layout[0], gate_up_interleaved=layout[1]
+        )
+        if plan.interleaved and b_first is not None:
+            b_first = torch.cat([b_first[..., 0::2], b_first[..., 1::2]], dim=-1)
+        first, down, layout = packed, None, (False, False)
+    # The weights were checked at enable and the ids come from a router's top-k: skip moe_experts' per-call checks.
     out = run_validated(
-        x, *weights, top_k_weights.float(), top_k_index, plan.activation, self.has_gate, b_first, b_down, False, "auto"
-    )
+        x, first, down, top_k_weights.float(), top_k_index, plan.activation, self.has_gate, b_first, b_down, False,
+        "auto", *layout,
+    )  # fmt: skip
     return out.to(hidden_states.dtype)
 
 
+def _expert_tensors(module: nn.Module) -> tuple:
+    """(first projection, down projection, their biases or None), the module's own parameters as they are."""
+    first = getattr(module, "gate_up_proj" if module.has_gate else "up_proj")
+    if not module.has_bias:
+        return first, module.down_proj, None, None
+    b_first = module.gate_up_proj_bias if module.has_gate else module.up_proj_bias
+    return first, module.down_proj, b_first, module.down_proj_bias
+
+
+def _fused_backend_reason(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``op`` would run on the slow torch reference for this device and dtype (None: a fused backend serves)."""
+    chosen = resolve(op, "auto", device, dtype)
+    if chosen in ("cpu", "triton"):
+        return None
+    return (
+        f"no fused netmerge-fast backend runs {op} on {device.type} {str(dtype).removeprefix('torch.')} (auto would "
+        f"pick the slow {chosen!r} reference); transformers' implementation kept"
+    )
+
+
 @torch.no_grad()
-def _check_weights(module: nn.Module, plan: _ExpertsPlan) -> None:
-    """Put the module's weights through moe_experts' checks once, on an empty batch."""
-    first = getattr(module, _first_weight_name(module))
-    down = module.down_proj
-    if module.is_transposed:
-        first, down = first.transpose(1, 2), down.transpose(1, 2)
-    b_first = getattr(module, _first_weight_name(module) + "_bias") if module.has_bias else None
-    b_down = module.down_proj_bias if module.has_bias else None
-    hidden = first.new_empty(0, first.shape[2])
+def _check_experts(module: nn.Module, plan: _ExpertsPlan) -> str | None:
+    """Why the module's weights cannot run on moe_experts (None: they can), from its checks on an empty batch."""
+    first, down, b_first, b_down = _expert_tensors(module)
+    reason = _fused_backend_reason("moe_experts", first.device, first.dtype)
+    if reason:
+        return reason
+    hidden = first.new_empty(0, first.shape[1] if module.is_transposed else first.shape[2])
     none = torch.empty(0, 1, device=first.device)
-    moe_experts(hidden, first, down, none, none.long(), activation=plan.activation, gated=module.has_gate,
-                b_gate_up=b_first, b_down=b_down)  # fmt: skip
+    try:
+        moe_experts(
+            hidden, first, down, none, none.long(), activation=plan.activation, gated=module.has_gate,
+            b_gate_up=b_first, b_down=b_down, transposed=module.is_transposed, gate_up_interleaved=plan.interleaved,
+        )  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        return f"moe_experts does not accept its weights: {exc}"
+    return None
 
 
 def _fallback(module: nn.Module, plan):
@@ -322,11 +300,13 @@ def enable(
             (``NotImplementedError`` when a gradient is needed). ``None``: the model's own weights.
 
     Returns:
-        An ``HFPatchReport``: the routers and experts modules now running on netmerge-fast, the GPT-OSS experts whose
-        layout was converted, and each module left alone with the reason (also issued as a ``UserWarning``).
+        An ``HFPatchReport``: the routers and experts modules now running on netmerge-fast, and each module left
+        alone with the reason (also issued as a ``UserWarning``): a configuration netmerge-fast does not compute
+        exactly as transformers does, or a device and dtype no fused backend (``cpu``, ``triton``) serves.
 
-    Calling ``enable`` again first undoes the previous call. Raises ``TypeError`` for a model that is not an
-    ``nn.Module`` (or flags that are not bools), ``ImportError`` without transformers.
+    No parameter, buffer or state_dict hook is touched: the model keeps its own tensors (so optimizer state made
+    before ``enable`` stays valid). Calling ``enable`` again first undoes the previous call. Raises ``TypeError``
+    for a model that is not an ``nn.Module`` (or flags that are not bools), ``ImportError`` without transformers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
@@ -355,14 +335,35 @@ def enable(
 def _enable_routing(model: nn.Module, report: HFPatchReport) -> None:
     for name, module in model.named_modules():
         key = _router_key(module)
-        forward = _ROUTERS.get(key) if key else None
-        if forward is not None:
+        entry = _ROUTERS.get(key) if key else None
+        if entry is not None:
+            forward, routing_of, logits_dtype = entry
+            reason = _check_router(module, routing_of, logits_dtype)
+            if reason:
+                report.skipped[name] = reason
+                continue
             module.forward = types.MethodType(forward, module)
             report.routers.append(name)
         elif type(module).__name__ in _UNSUPPORTED:
             report.skipped[name] = _UNSUPPORTED[type(module).__name__]
         elif _looks_like_router(module) and not _is_experts_module(module):
             report.skipped[name] = f"router class {type(module).__name__} is not known to netmerge-fast"
+
+
+@torch.no_grad()
+def _check_router(module: nn.Module, routing_of, logits_dtype: torch.dtype | None) -> str | None:
+    """Why the router's configuration cannot run on topk_gating exactly and fast (None: it can), checked once by a
+    call on an empty batch of its logits (the configuration is the module's, as transformers reads it)."""
+    weight = module.weight
+    dtype = logits_dtype or weight.dtype
+    reason = _fused_backend_reason("topk_gating", weight.device, dtype)
+    if reason:
+        return reason
+    try:
+        topk_gating(weight.new_empty(0, weight.shape[0], dtype=dtype), **routing_of(module))
+    except (ValueError, TypeError) as exc:
+        return f"topk_gating does not accept its configuration: {exc}"
+    return None
 
 
 def _enable_experts(model: nn.Module, report: HFPatchReport, quantize: str | None) -> None:
@@ -378,14 +379,11 @@ def _enable_experts(model: nn.Module, report: HFPatchReport, quantize: str | Non
     for name, module in modules:
         plan = _plan_experts(module)
         module._netmerge_previous = module.config._experts_implementation
-        if isinstance(plan, str):
-            report.skipped[name] = plan
+        reason = plan if isinstance(plan, str) else _check_experts(module, plan)
+        if reason:
+            report.skipped[name] = reason
             module._netmerge_plan = module._netmerge_previous
             continue
-        if module.is_transposed:
-            _relayout(module, plan)
-            report.relayout.append(name)
-        _check_weights(module, plan)
         plan.quantize = quantize
         module._netmerge_plan = plan
         report.experts.append(name)
@@ -394,7 +392,7 @@ def _enable_experts(model: nn.Module, report: HFPatchReport, quantize: str | Non
 
 
 def disable(model: nn.Module) -> None:
-    """Undo ``enable``: routers get their own forward back, experts their previous implementation and layout."""
+    """Undo ``enable``: routers get their own forward back, experts their previous implementation."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     report = getattr(model, "_netmerge_report", None)
@@ -404,10 +402,8 @@ def disable(model: nn.Module) -> None:
     for name in report.routers:
         modules[name].__dict__.pop("forward", None)
     for module in modules.values():
-        plan = module.__dict__.pop("_netmerge_plan", None)
+        module.__dict__.pop("_netmerge_plan", None)
         module.__dict__.pop("_netmerge_previous", None)
-        if isinstance(plan, _ExpertsPlan) and module.is_transposed:
-            _restore_layout(module, plan)
     if report.previous_experts_implementation is not None:
         model.set_experts_implementation(report.previous_experts_implementation)
     model._netmerge_report = None
