@@ -38,6 +38,9 @@ TORCH_LIBRARY(netmerge, m) {
       "moe_experts_packed(Tensor hidden, Tensor gate_up, Tensor down, Tensor? gate_up_scales, Tensor? down_scales, "
       "int intermediate, int group_size, Tensor topk_weights, Tensor topk_ids, str activation, bool gated, "
       "Tensor? b_gate_up, Tensor? b_down, bool apply_weights_on_input) -> Tensor");
+  m.def(
+      "apply_capacity(Tensor topk_ids, Tensor? priority, int num_experts, int capacity, str order, "
+      "int group_size) -> (Tensor ids, Tensor dropped)");
   m.def("grouped_mm(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor");
   m.def("grouped_mm_weight_grad(Tensor a, Tensor b, Tensor expert_offsets) -> Tensor");
   // logits: one packed [B, sum C] tensor, or one [B, C_i] tensor per expert.
@@ -52,6 +55,7 @@ TORCH_LIBRARY_IMPL(netmerge, CPU, m) {
   m.impl("moe_align", &cpu::moe_align);
   m.impl("moe_experts", NETMERGE_CPU(moe_experts));
   m.impl("moe_experts_packed", NETMERGE_CPU(moe_experts_packed));
+  m.impl("apply_capacity", &cpu::apply_capacity);
   m.impl("grouped_mm", NETMERGE_CPU(grouped_mm));
   m.impl("grouped_mm_weight_grad", NETMERGE_CPU(grouped_mm_weight_grad));
   m.impl("logit_statistics", NETMERGE_CPU(logit_statistics));

@@ -52,6 +52,10 @@ NETMERGE_CPU_ISA_KERNELS
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::Tensor& topk_ids, int64_t num_experts,
                                                                      int64_t block_size);
 
+std::tuple<at::Tensor, at::Tensor> apply_capacity(const at::Tensor& topk_ids, const std::optional<at::Tensor>& priority,
+                                                  int64_t num_experts, int64_t capacity, c10::string_view order,
+                                                  int64_t group_size);
+
 }  // namespace netmerge::cpu
 
 namespace netmerge::cuda {

@@ -4,6 +4,7 @@ Every op takes ``backend="auto"``; ``backends()`` tells which backends this mach
 """
 
 from netmerge_fast._backends import BackendStatus, backends
+from netmerge_fast.capacity import apply_capacity, expert_capacity
 from netmerge_fast.combine import combine_logits, logit_statistics
 from netmerge_fast.dispatch import moe_align, moe_experts
 from netmerge_fast.grouped_linear import grouped_linear
@@ -15,8 +16,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendStatus",
     "PackedExperts",
+    "apply_capacity",
     "backends",
     "combine_logits",
+    "expert_capacity",
     "expert_counts",
     "grouped_linear",
     "load_balancing_loss",

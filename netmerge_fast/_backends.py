@@ -37,6 +37,8 @@ class _Impl:
 _OPS: dict[str, tuple[_Impl, ...]] = {
     "topk_gating": (_Impl("triton"), _Impl("cpu"), _Impl("torch", None)),
     "moe_align": (_Impl("triton"), _Impl("cpu"), _Impl("torch", None)),
+    # Keyed by the weights' dtype, which the kernels never read.
+    "apply_capacity": (_Impl("triton", None), _Impl("cpu", None), _Impl("torch", None)),
     # float64 on cpu: gradcheck of the fused path.
     "moe_experts": (_Impl("triton"), _Impl("cpu", (*FUSED_DTYPES, torch.float64)), _Impl("torch", None)),
     # Weights packed by pack_experts; the torch backend unpacks them (the oracle, and any device).

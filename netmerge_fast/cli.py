@@ -11,6 +11,8 @@ netmerge-fast bench ep              expert parallelism over 1, 2, 4 local proces
 netmerge-fast backends              what this machine can run
 netmerge-fast demo                  the Kang et al. reproduction table (needs the `demo` extra)
 netmerge-fast demo --seeds 5 --json table.json --plot table.png
+netmerge-fast demo --universal-stats mean,std,max   the universal gates on the paper's raw statistics
+netmerge-fast demo --full           the seed's 10 seeds, LeNet5s trained for as many steps as the seed's
 netmerge-fast demo NAME ...         another reproduction (see DEMOS)
 """
 
@@ -31,6 +33,8 @@ SUITES = {
     "hf": "netmerge_fast.bench.hf",
     "hf_layout": "netmerge_fast.bench.hf_layout",
     "ep": "netmerge_fast.bench.ep",
+    "capacity": "netmerge_fast.bench.capacity",
+    "switch": "netmerge_fast.bench.switch",
 }
 # combine is left out of the default: its reference and per-row baselines take minutes.
 DEFAULT_SUITES = ("topk", "dispatch", "layer")
@@ -57,7 +61,9 @@ def _bench(args: argparse.Namespace) -> int:
             kwargs.update(getattr(suite, "QUICK" if mode == "quick" else "DEFAULT", {}))
         plans.append((name, suite, kwargs))
     results = {}
-    with _Progress(sum(suite.cases(**kwargs) for _, suite, kwargs in plans)) as progress:
+    # Suites without a cases() count leave the bar without a total.
+    counts = [suite.cases(**kwargs) if hasattr(suite, "cases") else None for _, suite, kwargs in plans]
+    with _Progress(None if None in counts else sum(counts)) as progress:
         for name, suite, kwargs in plans:
             results[name] = suite.run(progress=progress, **kwargs)
     for name, suite, _ in plans:
@@ -79,7 +85,7 @@ class _Progress:
     """The suites' progress callback: a tqdm bar on a terminal (refreshed at most twice a second), one line per
     case otherwise, so that a log is not flooded; on stderr, apart from the tables."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int | None) -> None:
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -99,7 +105,7 @@ class _Progress:
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
-            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.update(self.bar.total - self.bar.n if self.bar.total else 1)
             self.bar.close()
 
 
@@ -116,6 +122,8 @@ def _backends(_args: argparse.Namespace) -> int:
 DEMOS: dict[str, str] = {
     "deep-moe": "netmerge_fast.demo.deep_moe",  # Eigen, Ranzato & Sutskever (2013) on jittered MNIST
     "expert-merging": "netmerge_fast.demo.expert_merging",  # Park (2024): usage-driven expert merging
+    "load-balance": "netmerge_fast.demo.load_balance",  # aux loss vs DeepSeek-V3's selection bias vs neither
+    "universal-transfer": "netmerge_fast.demo.unseen_experts",  # Kang et al.: the universal gate on unseen experts
 }
 
 
@@ -134,6 +142,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _kang_demo(args: argparse.Namespace) -> int:
+    import copy
     import time
 
     try:
@@ -141,18 +150,36 @@ def _kang_demo(args: argparse.Namespace) -> int:
     except ImportError as error:  # pragma: no cover - the message is the point
         print(f"netmerge-fast demo needs the demo extra (pip install 'netmerge-fast[demo]'): {error}", file=sys.stderr)
         return 2
-    args.seeds = args.seeds or 5
+    settings = copy.copy(reproduction.FULL if args.full else reproduction.Settings())
+    if args.universal_stats:
+        from netmerge_fast.nn.universal_gate import FEATURES
+
+        names = tuple(args.universal_stats.split(","))
+        unknown = [n for n in names if n not in FEATURES]
+        if unknown:
+            print(
+                f"--universal-stats: unknown feature(s) {unknown}; choose from {', '.join(FEATURES)}", file=sys.stderr
+            )
+            return 2
+        settings.universal_stats = names
+    args.seeds = args.seeds or (10 if args.full else 5)
     start = time.perf_counter()
     threads = torch.get_num_threads()
     # The models are tiny: on a CPU, one thread is faster than paying for thread sync on every small op.
     torch.set_num_threads(1)
     try:
         table = reproduction.run(
-            args.seeds, quick=args.quick, progress=lambda m: print(f"  ... {m}", file=sys.stderr, flush=True)
+            args.seeds,
+            quick=args.quick,
+            settings=settings,
+            progress=lambda m: print(f"  ... {m}", file=sys.stderr, flush=True),
         )
     finally:
         torch.set_num_threads(threads)
-    print(f"# test accuracy (%), mean ± std over {args.seeds} seeds{' (quick)' if args.quick else ''}\n")
+    mode = " (quick)" if args.quick else " (full)" if args.full else ""
+    counts = {name: len(rows["naive"]["per_seed"]) for name, rows in table.items()}
+    fewer = ", ".join(f"{name}: {n}" for name, n in counts.items() if n != args.seeds)
+    print(f"# test accuracy (%), mean ± std over {args.seeds} seeds{f' ({fewer})' if fewer else ''}{mode}\n")
     print(reproduction.format_table(table), flush=True)
     if args.json:
         reproduction.write_json(args.json, table)
@@ -189,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="few epochs (seconds, for smoke tests)")
     demo.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     demo.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart")
+    demo.add_argument("--full", action="store_true", help="Kang et al. table: the seed's 10 seeds, longer LeNet5s")
+    stats_help = "Kang et al. table: the universal gates' features (e.g. mean,std,max: the paper's)"
+    demo.add_argument("--universal-stats", metavar="A,B,...", help=stats_help)
     demo.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)

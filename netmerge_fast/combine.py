@@ -103,7 +103,7 @@ def combine_logits(
         logits, class_counts: as in ``logit_statistics`` (float32, float16 or bfloat16).
         method: one of ``METHODS``:
 
-            - ``"naive"``: the concatenation (the seed's best data-free combiner).
+            - ``"naive"``: the concatenation (the paper's best data-free combiner).
             - selecting methods, per row one expert wins: ``"std"`` (the LOWEST std wins: that is what the seed
               code does, ``if std1 < std2: expert 1``), ``"range"`` (largest max - min), ``"third_quartile"``
               (largest max - q3, q3 as ``torch.quantile(x, 0.75)``), ``"max_prob"`` (largest max softmax

@@ -222,7 +222,11 @@ def _identity(t: torch.Tensor) -> tuple:
 
 def runs_packed(hidden: torch.Tensor, w_gate_up: torch.Tensor, backend: str, *needs_grad: torch.Tensor | None) -> bool:
     """Whether a float module call should take the packed path: a CPU call in a packable dtype that needs no
-    gradient (``torch.no_grad()``, ``inference_mode``, or nothing that requires one), on the cpu backend."""
+    gradient (``torch.no_grad()``, ``inference_mode``, or nothing that requires one), on the cpu backend. Not
+    while torch.compile traces: the pack cache's identity checks are host-side, so a graph runs the weights as
+    they are."""
+    if torch.compiler.is_compiling():
+        return False
     if hidden.device.type != "cpu" or backend not in ("auto", "cpu") or not native_status().available:
         return False
     if hidden.dtype != w_gate_up.dtype or hidden.dtype not in _PACKABLE:

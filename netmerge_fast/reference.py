@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "apply_capacity",
     "combine_logits",
     "combine_with_winner",
     "compute_dtype",
@@ -18,6 +19,7 @@ __all__ = [
     "moe_experts",
     "softmax_with_limits",
     "topk_gating",
+    "topk_weights",
 ]
 
 RENORM_EPS = 1e-20
@@ -105,6 +107,75 @@ def topk_gating(
         if renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + RENORM_EPS)
     return weights * scale, ids.to(torch.int32)
+
+
+def priority_key(priority: torch.Tensor) -> torch.Tensor:
+    """float32 priorities as ``apply_capacity`` compares them: NaN counts as -inf and -0.0 as +0.0."""
+    p = _nan_to_neg_inf(priority.float())
+    return torch.where(p == 0, 0.0, p)
+
+
+def apply_capacity(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    order: str = "token",
+    priority: torch.Tensor | None = None,
+    group_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, weights, dropped [E] int64): in every group of ``group_size`` tokens (None: one group), each expert
+    keeps its first ``capacity`` slots in the given order."""
+    T, k = topk_ids.shape
+    E = num_experts
+    flat = topk_ids.reshape(-1).long()
+    slots = flat.numel()
+    routed = (flat >= 0) & (flat < E)
+    # One bucket per (group, expert), and one per group for the slots routed nowhere.
+    group = torch.arange(slots, device=flat.device) // k // (group_size or max(T, 1))
+    bucket = group * (E + 1) + torch.where(routed, flat, E)
+    if order == "token":
+        by_bucket = torch.sort(bucket, stable=True).indices
+    else:
+        # Highest priority first, equal priorities by slot; then grouped by bucket, keeping that order.
+        by_priority = torch.sort(priority_key(priority).reshape(-1), descending=True, stable=True).indices
+        by_bucket = by_priority[torch.sort(bucket[by_priority], stable=True).indices]
+    groups = -(-T // (group_size or max(T, 1)))
+    counts = torch.zeros(groups * (E + 1), dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(flat).scatter_(
+        0, by_bucket, torch.arange(slots, device=flat.device) - starts[bucket[by_bucket]]
+    )
+    drop = (routed & (rank >= capacity)).view(topk_ids.shape)
+    dropped = (counts.view(groups, E + 1)[:, :E] - capacity).clamp_min(0).sum(0)
+    return topk_ids.masked_fill(drop, -1), topk_weights.masked_fill(drop, 0), dropped
+
+
+def topk_weights(
+    router_logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    softmax_after_topk: bool = False,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights ``topk_gating`` gives the experts ``ids [T, k]`` (routing replay): the same scores,
+    renormalisation and scale. Slots with an id outside ``[0, E)`` (-1) get weight 0, take no part in the
+    renormalisation and come back as -1. Returns (weights, int32 ids)."""
+    x = _nan_to_neg_inf(router_logits.to(compute_dtype(router_logits)))
+    ids = ids.long()
+    routed = (ids >= 0) & (ids < x.shape[1])
+    safe = ids.clamp(0, x.shape[1] - 1)
+    if softmax_after_topk:
+        weights = softmax_with_limits(x.gather(1, safe).masked_fill(~routed, float("-inf")))
+    else:
+        scores = softmax_with_limits(x) if scoring == "softmax" else torch.sigmoid(x)
+        weights = scores.gather(1, safe) * routed
+        if renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + RENORM_EPS)
+    return weights * scale, torch.where(routed, ids, -1).to(torch.int32)
 
 
 # GPT-OSS's clamped SwiGLU (transformers' GptOssExperts._apply_gate): alpha and limit as in its config.

@@ -6,11 +6,13 @@ import torch
 
 from netmerge_fast import _checks, reference
 from netmerge_fast._backends import native_status, resolve
+from netmerge_fast.capacity import apply_capacity
 
 __all__ = ["expert_counts", "load_balancing_loss", "router_z_loss", "topk_gating"]
 
 _SCORINGS = ("softmax", "sigmoid")
 _GROUP_SCORES = ("max", "top2_sum")
+_CAPACITY_ORDERS = ("token", "score")
 
 
 def topk_gating(
@@ -26,6 +28,9 @@ def topk_gating(
     softmax_after_topk: bool = False,
     scale: float = 1.0,
     backend: str = "auto",
+    capacity: int | None = None,
+    capacity_order: str = "token",
+    replay_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick ``k`` experts per token and their weights, in one pass over the router logits.
 
@@ -48,9 +53,20 @@ def topk_gating(
         softmax_after_topk: rank by raw logits (+ bias) and apply the softmax over the k chosen (GPT-OSS).
         scale: multiplies the final weights (``routed_scaling_factor``).
         backend: ``"auto"``, ``"triton"`` (CUDA; CPU under TRITON_INTERPRET=1), ``"cpu"`` or ``"torch"``.
+        capacity: slots each expert keeps (``None``: dropless). The slots past it are dropped by
+            ``apply_capacity`` (id -1, weight 0; the weights are not renormalised after dropping).
+        capacity_order: ``"token"`` (earlier slots ``t * k + j`` win, Switch) or ``"score"`` (the higher router
+            probability wins, ties to the lower slot; the probability is the slot's softmax or sigmoid score
+            before renormalisation and scale, or its weight with ``softmax_after_topk``).
+        replay_ids: ``[T, k]`` integer expert ids to use instead of selecting (routing replay): the weights are
+            those these experts get with the same scoring, renormalisation and scale, and gradients flow to the
+            logits; ``bias`` and the group options take no part (they only select). Ids of -1 get weight 0 and
+            no share of the renormalisation; on CPU tensors ids outside ``[-1, E)`` are an error. Computed with
+            torch ops on every backend.
 
     Returns:
-        ``(weights [T, k] float32, ids [T, k] int32)``: slots in descending order of selection key.
+        ``(weights [T, k] float32, ids [T, k] int32)``: slots in descending order of selection key (with
+        ``replay_ids``: in its order).
 
     Selection key: the logit itself when there is no bias and groups are scored by ``"max"`` (same order as
     the scores, but exact); otherwise score + bias in float32. Equal keys go to the lower expert index, on
@@ -70,6 +86,13 @@ def topk_gating(
     _validate(
         router_logits, k, scoring, renormalize, bias, num_groups, topk_groups, group_score, softmax_after_topk, scale
     )
+    _checks.choice("capacity_order", capacity_order, _CAPACITY_ORDERS)
+    if capacity is not None or replay_ids is not None:
+        return _route_for_training(
+            router_logits, k, capacity, capacity_order, replay_ids, scoring=scoring, renormalize=renormalize,
+            bias=bias, num_groups=num_groups, topk_groups=topk_groups, group_score=group_score,
+            softmax_after_topk=softmax_after_topk, scale=scale, backend=backend,
+        )  # fmt: skip
     topk_groups = num_groups if topk_groups is None else topk_groups
     chosen = resolve("topk_gating", backend, router_logits.device, router_logits.dtype)
     if chosen == "torch":
@@ -127,6 +150,46 @@ def _kernel(backend: str):
     from netmerge_fast.triton_kernels.topk_gating import topk_gating_triton
 
     return topk_gating_triton
+
+
+def _route_for_training(router_logits, k, capacity, capacity_order, replay_ids, **routing):
+    """Selection (or replay of ``replay_ids``), then ``apply_capacity``: composed, so every top-k kernel serves."""
+    if replay_ids is None:
+        weights, ids = topk_gating(router_logits, k, **routing)
+    else:
+        _validate_replay(replay_ids, router_logits, k)
+        weights, ids = reference.topk_weights(router_logits, replay_ids, **_weight_options(routing))
+    if capacity is None:
+        return weights, ids
+    priority = slot_probabilities(router_logits, ids, routing) if capacity_order == "score" else None
+    ids, weights = apply_capacity(
+        ids, weights, router_logits.shape[1], capacity, capacity_order, routing["backend"], priority=priority
+    )
+    return weights, ids
+
+
+def _weight_options(routing: dict) -> dict:
+    return {name: routing[name] for name in ("scoring", "renormalize", "softmax_after_topk", "scale")}
+
+
+def slot_probabilities(router_logits: torch.Tensor, ids: torch.Tensor, routing: dict) -> torch.Tensor:
+    """[T, k] float32, no gradient: each slot's router probability (softmax or sigmoid score, before
+    renormalisation and scale; the weight with softmax_after_topk), the priority of capacity_order="score"."""
+    options = dict(_weight_options(routing), renormalize=False, scale=1.0)
+    return reference.topk_weights(router_logits.detach(), ids, **options)[0].float()
+
+
+def _validate_replay(replay_ids, router_logits, k) -> None:
+    _checks.tensor("replay_ids", replay_ids, dim=2, integer=True)
+    T, E = router_logits.shape
+    if tuple(replay_ids.shape) != (T, k):
+        raise ValueError(f"replay_ids must have shape [T, k]=[{T}, {k}], got {list(replay_ids.shape)}")
+    _checks.same_device("replay_ids", replay_ids, "router_logits", router_logits)
+    # A value check costs a host sync: done for CPU tensors in eager mode only.
+    if replay_ids.device.type == "cpu" and replay_ids.numel() and not torch.compiler.is_compiling():
+        low, high = (v.item() for v in torch.aminmax(replay_ids))
+        if low < -1 or high >= E:
+            raise ValueError(f"replay_ids must be in [-1, E={E}) (-1: routed nowhere), got values in [{low}, {high}]")
 
 
 class _TopkGating(torch.autograd.Function):

@@ -76,16 +76,66 @@ def test_demo_quick_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "demo.json", tmp_path / "demo.png"
     assert cli.main(["demo", "--quick", "--seeds", "2", "--json", str(out), "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
-    assert "| combiner | disjoint_digits | two_domains | five_experts |" in printed
+    assert "| combiner | disjoint_digits | two_domains | five_experts | disjoint_mnist |" in printed
     problems = json.loads(out.read_text())["problems"]
-    assert set(problems) == {"disjoint_digits", "two_domains", "five_experts"}
-    for table in problems.values():
-        assert tuple(table) == ROWS
+    assert set(problems) == {"disjoint_digits", "two_domains", "five_experts", "disjoint_mnist"}
+    for name, table in problems.items():
+        # quick: MNIST's LeNet5s on the first seed only, without the data-free PAN (--full runs it)
+        skipped = {"pan_logits_data_free"} if name == "disjoint_mnist" else set()
+        assert tuple(table) == tuple(r for r in ROWS if r not in skipped)
+        seeds = 1 if name == "disjoint_mnist" else 2
         for cell in table.values():
-            assert len(cell["per_seed"]) == 2 and all(0 <= v <= 1 for v in cell["per_seed"])
-            assert cell["mean"] == sum(cell["per_seed"]) / 2 and cell["std"] >= 0
+            assert len(cell["per_seed"]) == seeds and all(0 <= v <= 1 for v in cell["per_seed"])
+            assert cell["mean"] == pytest.approx(sum(cell["per_seed"]) / seeds) and cell["std"] >= 0
     assert table["oracle"]["mean"] >= table["naive"]["mean"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_universal_stats_flag(capsys, monkeypatch):
+    pytest.importorskip("sklearn")
+    from netmerge_fast.demo import reproduction
+
+    seen = {}
+
+    def fake_run(seeds, *, quick, settings, progress):
+        seen.update(seeds=seeds, quick=quick, stats=settings.universal_stats, lenet5=settings.lenet5_epochs,
+                    mnist=settings.mnist_seeds)  # fmt: skip
+        return {"disjoint_digits": {row: {"mean": 0.5, "std": 0.0, "per_seed": [0.5]} for row in reproduction.ROWS}}
+
+    assert reproduction.FULL.mnist_data_free and not reproduction.Settings().mnist_data_free
+
+    monkeypatch.setattr(reproduction, "run", fake_run)
+    assert cli.main(["demo", "--universal-stats", "mean,std,max", "--seeds", "1"]) == 0
+    assert seen == {"seeds": 1, "quick": False, "stats": ("mean", "std", "max"), "lenet5": 10, "mnist": 2}
+    assert cli.main(["demo", "--full"]) == 0
+    assert seen["seeds"] == 10 and seen["lenet5"] == reproduction.FULL_LENET5_EPOCHS and seen["stats"] is None
+    assert seen["mnist"] is None
+    capsys.readouterr()
+    assert cli.main(["demo", "--universal-stats", "mean,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_demo_universal_stats_rebuilds_the_first_bundle_recipe():
+    pytest.importorskip("sklearn")
+    from netmerge_fast.demo.reproduction import Settings, _bundled_gate
+    from netmerge_fast.nn import UniversalGate
+
+    assert _bundled_gate(Settings()).stats == UniversalGate.pretrained().stats
+    gate = _bundled_gate(Settings(epochs=1, universal_stats=("mean", "std", "max")))
+    assert gate.stats == ("mean", "std", "max")
+
+
+def test_demo_universal_transfer_quick(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from netmerge_fast.demo.unseen_experts import ROWS
+
+    out = tmp_path / "transfer.json"
+    assert cli.main(["demo", "universal-transfer", "--quick", "--seeds", "1", "--json", str(out)]) == 0
+    assert "| combiner | two_domains | five_experts | digits_adam150 |" in capsys.readouterr().out
+    sets = json.loads(out.read_text())["sets"]
+    assert list(sets) == ["two_domains", "five_experts", "digits_adam150"]
+    for table in sets.values():
+        assert tuple(table) == ROWS and all(0 <= cell["mean"] <= 1 for cell in table.values())
 
 
 def test_bench_hf_quick(tmp_path, capsys):

@@ -1,12 +1,16 @@
 """GatingTrainer end to end on a slice of problem 1 (digits 0-4 / 5-9), reproducibility, files, bad input."""
 
+import io
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from netmerge_fast.nn import HeterogeneousMoE, UniversalGate
+from netmerge_fast.nn.universal_gate import CALIBRATED_GATE_FEATURES
 from netmerge_fast.training import GatingTrainer
 
 pytest.importorskip("sklearn")
@@ -188,3 +192,84 @@ def test_demo_data_never_touches_the_network(monkeypatch):
         flat = xs.flatten(1)
         torch.testing.assert_close(flat.mean(1), torch.zeros(len(flat)), atol=1e-5, rtol=0)
         torch.testing.assert_close(flat.std(1, unbiased=False), torch.ones(len(flat)), atol=1e-3, rtol=0)
+
+
+def test_pan_statistics_trains_like_the_other_pans(problem1, tmp_path):
+    p, experts = problem1
+    moe = HeterogeneousMoE(experts, [5, 5], "pan_statistics")
+    report = (
+        GatingTrainer(moe, seed=0, progress=False)
+        .fit(p.x_train, p.owner_train, epochs=20)
+        .evaluate(p.x_test, p.owner_test, p.y_test)
+    )
+    assert report.gate_accuracy > 0.6, report.confusion  # two experts: chance (exactly one right claim) is 25%
+    assert report.accuracy == pytest.approx(accuracy(moe, p))
+    moe.save_gates(tmp_path / "s.safetensors")
+    again = HeterogeneousMoE(experts, [5, 5], "pan_statistics")
+    again.load_gates(tmp_path / "s.safetensors")
+    torch.testing.assert_close(again.eval()(p.x_test), moe.eval()(p.x_test))
+    with pytest.raises(ValueError, match="stats"):
+        HeterogeneousMoE(experts, [5, 5], "pan_statistics", pan_stats=("mean", "std", "min")).load_gates(
+            tmp_path / "s.safetensors"
+        )
+    with pytest.raises(ValueError, match="kind"):
+        HeterogeneousMoE(experts, [5, 5], "pan_logits").load_gates(tmp_path / "s.safetensors")
+    data_free = HeterogeneousMoE(experts, [5, 5], "pan_statistics")
+    own = [x for x, _ in p.experts_data]
+    GatingTrainer(data_free, seed=0, progress=False).fit_data_free(own, epochs=5)
+    assert 0 <= accuracy(data_free, p) <= 1
+
+
+def test_calibrated_universal_gate_calibrates_and_trains(problem1):
+    p, experts = problem1
+    moe = HeterogeneousMoE(experts, [5, 5], "universal", gate=UniversalGate(CALIBRATED_GATE_FEATURES))
+    assert not moe.calibrated
+    trainer = GatingTrainer(moe, seed=0, progress=False).fit(p.x_train, p.owner_train, epochs=10)
+    assert moe.calibrated and moe.calibration.shape == (2, 2, 2)
+    # the trainer calibrates as the model would: Gaussian noise shaped like one input row
+    reference = HeterogeneousMoE(experts, [5, 5], "universal", gate=UniversalGate(CALIBRATED_GATE_FEATURES))
+    torch.testing.assert_close(moe.calibration, reference.calibrate(p.x_train.shape[1:]).calibration)
+    assert trainer.evaluate(p.x_test, p.owner_test).gate_accuracy > 0.75
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_one_line_per_epoch_in_a_log(problem1, monkeypatch):
+    p, experts = problem1
+    log = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stderr", log)
+    moe = HeterogeneousMoE(experts, [5, 5], "pan_logits")
+    GatingTrainer(moe, seed=0, patience=50).fit(p.x_train[:200], p.owner_train[:200], epochs=6)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 12 and "\r" not in log.getvalue()  # two PANs, six epochs each
+    assert lines[0].startswith("fit pan[0]: epoch 1/6 loss=") and "val_acc=" in lines[0]
+    assert lines[-1].startswith("fit pan[1]: epoch 6/6")
+
+
+def test_progress_bar_on_a_terminal_redraws_a_few_times_a_second(problem1, monkeypatch):
+    import time
+
+    p, experts = problem1
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    moe = HeterogeneousMoE(experts, [5, 5], "pan_logits")
+    start = time.perf_counter()
+    GatingTrainer(moe, seed=0, patience=500, batch_size=512).fit(p.x_train[:400], p.owner_train[:400], epochs=300)
+    elapsed = time.perf_counter() - start
+    redraws = terminal.getvalue().count("\r")
+    # 600 epochs in all; tqdm redraws at most every 0.25 s, plus the opening and closing draw of each bar
+    assert redraws <= 4 * elapsed + 8, (redraws, elapsed)
+    assert "fit pan[1]" in terminal.getvalue()
+
+
+def test_the_bundled_gate_rebuilds_byte_for_byte(tmp_path):
+    from importlib import resources
+
+    out = tmp_path / "gate.safetensors"
+    command = [sys.executable, "-m", "netmerge_fast.demo.train_universal_gate", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True)
+    shipped = resources.files("netmerge_fast.nn") / "universal_gate.safetensors"
+    assert out.read_bytes() == shipped.read_bytes()

@@ -8,7 +8,13 @@ from torch import nn
 from netmerge_fast import combine_logits, reference
 from netmerge_fast.nn import COMBINERS, PAN, HeterogeneousMoE, UniversalGate
 from netmerge_fast.nn.augmentations import AUGMENTATIONS
-from netmerge_fast.nn.heterogeneous_moe import DATA_FREE_COMBINERS
+from netmerge_fast.nn.heterogeneous_moe import DATA_FREE_COMBINERS, aggregate_passes
+from netmerge_fast.nn.universal_gate import (
+    CALIBRATED_GATE_FEATURES,
+    NORMALISED_FEATURES,
+    calibration_moments,
+    expert_features,
+)
 
 COUNTS = [3, 5, 2]
 
@@ -157,11 +163,15 @@ def test_universal_gate_features_are_on_one_scale_for_any_class_count():
 def test_universal_uses_the_bundled_gate_by_default():
     moe = HeterogeneousMoE(make_experts(), COUNTS, "universal")
     bundled = UniversalGate.pretrained()
-    assert moe.gate.stats == ("max_prob_norm", "entropy_norm", "margin", "max_minus_median")
+    assert moe.gate.stats == CALIBRATED_GATE_FEATURES == (*NORMALISED_FEATURES, "z_max", "z_margin")
     for a, b in zip(moe.gate.state_dict().values(), bundled.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="stats"):
         UniversalGate.pretrained(stats=("mean", "std", "max", "min"))
+    # the first bundled gate keeps loading, on its own features
+    assert UniversalGate.pretrained(version=1).stats == NORMALISED_FEATURES
+    with pytest.raises(ValueError, match="version"):
+        UniversalGate.pretrained(version=3)
 
 
 def test_oracle_selects_the_true_domain(gen):
@@ -194,22 +204,25 @@ def test_augmented_passes_aggregate_like_a_loop(aggregate, gen):
     if aggregate == "mean":
         torch.testing.assert_close(out, torch.stack(passes).mean(0))
     else:
+        answers = torch.stack([p.argmax(1) for p in passes])  # [P, B]
         for b in range(9):
             votes = torch.zeros(sum(COUNTS))
             for p in passes:
                 votes[p[b].argmax()] += 1
-            votes[passes[0][b].argmax()] += 0.5  # the plain pass breaks ties
             torch.testing.assert_close(out[b], votes)
+        # the seed's rule: torch.mode of the passes' answers (ties to the lowest class index)
+        torch.testing.assert_close(out.argmax(1), torch.mode(answers, 0).values)
 
 
-def test_named_augmentations_keep_shapes(gen):
-    x = torch.randn(6, 1, 8, 8, generator=gen)
-    torch.manual_seed(0)
-    for name, aug in AUGMENTATIONS.items():
-        y = aug(x)
-        assert y.shape == x.shape and torch.isfinite(y).all(), name
-        assert not torch.equal(y, x), name
-    torch.testing.assert_close(AUGMENTATIONS["flip"](x), x.flip(-1).flip(-2))
+def test_vote_ties_go_to_the_lowest_class():
+    # 4 passes over 5 classes: row 0 votes 3, 1, 1, 3 (tie 1/3 -> 1); row 1 votes 4, 0, 2, 2 (2 wins)
+    answers = torch.tensor([[3, 4], [1, 0], [1, 2], [3, 2]])
+    combined = nn.functional.one_hot(answers, 5).float() + 0.1 * torch.rand(4, 2, 5)
+    votes = aggregate_passes(combined, "vote")
+    assert votes.argmax(1).tolist() == [1, 2] == torch.mode(answers, 0).values.tolist()
+    torch.testing.assert_close(aggregate_passes(combined, "mean"), combined.mean(0))
+    with pytest.raises(ValueError, match="aggregate"):
+        aggregate_passes(combined, "median")
 
 
 def test_pan_shape_and_claims(gen):
@@ -296,3 +309,173 @@ def test_gate_files_are_byte_reproducible_and_old_files_load(tmp_path):
     save_file(state, tmp_path / "alien.safetensors", metadata={"format": "other/1"})
     with pytest.raises(ValueError, match="not a netmerge-fast gate file"):
         UniversalGate.load(tmp_path / "alien.safetensors")
+
+
+def stats_by_hand(row: torch.Tensor) -> torch.Tensor:
+    """The seed's compute_agnostic_stats for one row: mean, unbiased std, max."""
+    n = row.numel()
+    mean = sum(row.tolist()) / n
+    std = (sum((v - mean) ** 2 for v in row.tolist()) / (n - 1)) ** 0.5
+    return torch.tensor([mean, std, max(row.tolist())])
+
+
+def test_pan_statistics_matches_a_per_row_loop(gen):
+    experts = make_experts()
+    moe = HeterogeneousMoE(experts, COUNTS, "pan_statistics").eval()
+    assert [[m.out_features for m in p.net if isinstance(m, nn.Linear)] for p in moe.pans] == [[80, 50, 20, 2]] * 3
+    x = torch.randn(40, 1, 4, 4, generator=gen)
+    with torch.no_grad():
+        out, winner = moe(x, return_winner=True)
+        logits = by_hand(experts, x)
+        want = []
+        for b in range(40):  # one row, one expert at a time: statistics, PAN, then the exactly-one-claim rule
+            claims = []
+            for pan, lg in zip(moe.pans, logits, strict=True):
+                o = pan.net(stats_by_hand(lg[b]).unsqueeze(0))[0]
+                claims.append(bool(o[1] > o[0]))
+            want.append(claims.index(True) if sum(claims) == 1 else -1)
+    want = torch.tensor(want)
+    assert (want >= 0).any() and (want < 0).any()  # both branches of the rule are exercised
+    torch.testing.assert_close(winner, want)
+    torch.testing.assert_close(out, select_row_loop(logits, want))
+
+
+def test_pan_statistics_with_other_features(gen):
+    experts = make_experts()
+    moe = HeterogeneousMoE(experts, COUNTS, "pan_statistics", pan_stats=("max_prob_norm", "z_margin")).eval()
+    assert [p.in_features for p in moe.pans] == [2, 2, 2]
+    x = torch.randn(20, 1, 4, 4, generator=gen)
+    with torch.no_grad():
+        _, winner = moe(x, return_winner=True)  # the first forward calibrates (z_margin)
+        feats = expert_features(by_hand(experts, x), COUNTS, moe.pan_stats, moe.calibration)
+        claims = torch.stack([p.claims(feats[:, i]) for i, p in enumerate(moe.pans)], 1)
+    torch.testing.assert_close(winner, torch.where(claims.sum(1) == 1, claims.float().argmax(1), -1))
+
+
+def test_calibration_matches_a_direct_computation():
+    experts = make_experts()
+    moe = HeterogeneousMoE(experts, COUNTS, "universal", gate=UniversalGate(("z_max", "margin", "z_margin")))
+    moe.calibrate((1, 4, 4), count=500, seed=7)
+    noise = torch.randn(500, 1, 4, 4, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for i, e in enumerate(experts):
+            lg = e(noise).double()
+            top2 = lg.topk(2, dim=1).values
+            for k, values in enumerate([lg.max(1).values, top2[:, 0] - top2[:, 1]]):  # max, then margin
+                torch.testing.assert_close(moe.calibration[i, k, 0].double(), values.mean(), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(moe.calibration[i, k, 1].double(), values.std(), rtol=1e-4, atol=1e-5)
+        # the z features are the features standardised by those moments
+        x = torch.randn(9, 1, 4, 4)
+        feats = moe.gate.statistics(by_hand(experts, x), COUNTS, moe.calibration)
+        for i, e in enumerate(experts):
+            lg = e(x)
+            top2 = lg.topk(2, dim=1).values
+            z_max = (lg.max(1).values - moe.calibration[i, 0, 0]) / moe.calibration[i, 0, 1]
+            margin = top2[:, 0] - top2[:, 1]
+            z_margin = (margin - moe.calibration[i, 1, 0]) / moe.calibration[i, 1, 1]
+            torch.testing.assert_close(feats[:, i], torch.stack([z_max, margin, z_margin], 1))
+
+
+def test_calibrated_features_ignore_an_experts_temperature_and_offset(gen):
+    logits = [torch.randn(300, c, generator=gen) for c in COUNTS]
+    x = [torch.randn(10, c, generator=gen) for c in COUNTS]
+    stats = ("z_max", "z_margin")
+    plain = expert_features(x, COUNTS, stats, calibration_moments(logits, COUNTS, stats))
+    scaled = [3.0 * t + 5.0 for t in logits]  # another temperature and offset, same expert
+    scaled_x = [3.0 * t + 5.0 for t in x]
+    again = expert_features(scaled_x, COUNTS, stats, calibration_moments(scaled, COUNTS, stats))
+    torch.testing.assert_close(again, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_the_first_forward_calibrates_on_noise_shaped_like_the_input(gen):
+    experts = make_experts()
+    moe = HeterogeneousMoE(experts, COUNTS, "universal").eval()  # the bundled gate reads z_ features
+    assert moe.needs_calibration and not moe.calibrated
+    x = torch.randn(5, 1, 4, 4, generator=gen)
+    out = moe(x)
+    assert moe.calibrated and moe.calibration.shape == (3, 2, 2)
+    explicit = HeterogeneousMoE(experts, COUNTS, "universal").calibrate((1, 4, 4))
+    torch.testing.assert_close(moe.calibration, explicit.calibration)
+    torch.testing.assert_close(out, explicit.eval()(x))
+    # own reference inputs instead of the default noise
+    own = HeterogeneousMoE(experts, COUNTS, "universal").calibrate(inputs=2 * torch.rand(64, 1, 4, 4))
+    assert not torch.equal(own.calibration, explicit.calibration)
+    # experts keep their mode
+    experts[0].train()
+    HeterogeneousMoE(experts, COUNTS, "universal").calibrate((1, 4, 4))
+    assert experts[0].training
+
+
+def test_calibrated_scores_compile_without_graph_breaks(gen):
+    experts = make_experts()
+    moe = HeterogeneousMoE(experts, COUNTS, "universal").calibrate((1, 4, 4)).eval()
+    logits = [lg.detach() for lg in by_hand(experts, torch.randn(6, 1, 4, 4, generator=gen))]
+
+    def scores(*lg):
+        return moe.gate_output(list(lg))
+
+    compiled = torch.compile(scores, fullgraph=True)  # a host sync (.item(), data-dependent branch) would break it
+    torch.testing.assert_close(compiled(*logits), scores(*logits))
+
+
+def test_calibration_errors(gen):
+    experts = make_experts()
+    moe = HeterogeneousMoE(experts, COUNTS, "universal")
+    logits = by_hand(experts, torch.randn(3, 1, 4, 4, generator=gen))
+    with pytest.raises(RuntimeError, match="calibrate"):
+        moe.gate_output(logits)
+    with pytest.raises(ValueError, match="input_shape"):
+        moe.calibrate()
+    with pytest.raises(ValueError, match="count"):
+        moe.calibrate((1, 4, 4), count=1)
+    with pytest.raises(ValueError, match=r"input_shape\[1\]"):
+        moe.calibrate((1, 0, 4))
+    with pytest.raises(ValueError, match="inputs"):
+        moe.calibrate(inputs=torch.randn(1, 1, 4, 4))
+    with pytest.raises(TypeError, match="inputs"):
+        moe.calibrate(inputs=torch.ones(4, 1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="calibration is required"):
+        expert_features(logits, COUNTS, ("z_max",))
+    with pytest.raises(ValueError, match=r"calibration must be \[E, 1, 2\]"):
+        expert_features(logits, COUNTS, ("z_max",), torch.zeros(3, 2, 2))
+    with pytest.raises(ValueError, match="2 reference rows"):
+        calibration_moments([t[:1] for t in logits], COUNTS, ("z_max",))
+    # a gate without z_ features needs none
+    plain = HeterogeneousMoE(experts, COUNTS, "universal", gate=UniversalGate(NORMALISED_FEATURES))
+    assert not plain.needs_calibration
+    plain.gate_output(logits)
+
+
+def test_pan_stats_errors():
+    experts = make_experts()
+    with pytest.raises(ValueError, match="pan_stats"):
+        HeterogeneousMoE(experts, COUNTS, "pan_statistics", pan_stats=("mean", "nope"))
+    with pytest.raises(TypeError, match="pan_stats"):
+        HeterogeneousMoE(experts, COUNTS, "pan_statistics", pan_stats="mean")
+    with pytest.raises(ValueError, match="pan_stats is only used"):
+        HeterogeneousMoE(experts, COUNTS, "pan_logits", pan_stats=("mean",))
+    HeterogeneousMoE(experts, COUNTS, "pan_logits", pan_stats=["mean", "std", "max"])  # the default, as a list
+
+
+def test_standardised_gate_reads_scaled_features_and_round_trips(tmp_path, gen):
+    gate = UniversalGate(("margin", "max"), standardise=True)
+    features = torch.randn(50, 3, 2, generator=gen) * torch.tensor([10.0, 0.1]) + 4
+    gate.fit_standardisation(features)
+    rows = features.reshape(-1, 2)
+    torch.testing.assert_close(gate.input_mean, rows.mean(0))
+    torch.testing.assert_close(gate.input_std, rows.std(0))
+    torch.testing.assert_close(gate(features), gate.net((features - rows.mean(0)) / rows.std(0)))
+    gate.save(tmp_path / "g.safetensors")
+    loaded = UniversalGate.load(tmp_path / "g.safetensors")
+    assert loaded.standardise and loaded.config() == gate.config()
+    torch.testing.assert_close(loaded(features), gate(features))
+    with pytest.raises(ValueError, match="standardise"):
+        HeterogeneousMoE(make_experts(), COUNTS, "universal", gate=UniversalGate(("margin", "max"))).load_gates(
+            tmp_path / "g.safetensors"
+        )
+    with pytest.raises(ValueError, match="standardise=True"):
+        UniversalGate(("margin",)).fit_standardisation(features[..., :1])
+    with pytest.raises(ValueError, match="2 rows"):
+        gate.fit_standardisation(torch.full((3, 2), float("nan")))
+    with pytest.raises(TypeError, match="standardise"):
+        UniversalGate(("margin",), standardise="yes")

@@ -407,33 +407,6 @@ def test_deepseek_v3_tester_config_enables_and_runs():
         assert torch.isfinite(model(input_ids(seed=9)).logits).all()
 
 
-def test_switch_transformers_is_reported_unsupported():
-    config = transformers.SwitchTransformersConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        num_experts=4,
-        expert_capacity=4,
-        encoder_sparse_step=1,
-        decoder_sparse_step=1,
-    )
-    torch.manual_seed(0)
-    model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
-    ids = input_ids(seed=8)
-    with torch.no_grad():
-        expected = model(input_ids=ids, decoder_input_ids=ids).logits
-    with pytest.warns(UserWarning, match="per-sequence expert capacity"):
-        report = hf.enable(model)
-    assert not report.changed
-    assert report.skipped and all("capacity" in why for why in report.skipped.values())
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits, expected)
-
-
 def test_a_model_without_moe_is_left_alone_with_a_warning():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.warns(UserWarning, match="no MoE router or experts"):

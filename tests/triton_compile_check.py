@@ -47,6 +47,7 @@ def cases():
         signature = dict(TOPK_SIGNATURE, x_ptr="*bf16") if name.endswith("bf16") else TOPK_SIGNATURE
         yield f"topk_gating/{name}", topk._topk_gating_kernel, signature, constexprs, num_warps
     yield from moe_cases()
+    yield from capacity_cases()
 
 
 def _pointers(dtype, *names):
@@ -124,6 +125,22 @@ def moe_cases():
     yield "moe_experts/grouped_mm", moe._grouped_mm_kernel, GROUPED_MM_SIGNATURE, moe._GROUPED_TILE, 4
     tile = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32}
     yield "moe_experts/weight_grad", moe._weight_grad_kernel, WEIGHT_GRAD_SIGNATURE, tile, 4
+
+
+def capacity_cases():
+    capacity = importlib.import_module("netmerge_fast.triton_kernels.apply_capacity")
+    for ids in ("*i32", "*i64"):
+        token = {"ids_ptr": ids, "out_ptr": ids, "counts_ptr": "*i32", **_pointers("i32", "slots", "group_slots", "E")}
+        token["capacity"] = "i32"
+        yield f"apply_capacity/token/{ids}", capacity._token_order_kernel, token, {"BLOCK": capacity._BLOCK}, 4
+        score = {
+            **_pointers("*i32", "sorted_ptr", "offsets_ptr", "counts_ptr"),
+            "priority_ptr": "*fp32",
+            "keys_ptr": "*i64",
+            "out_ptr": ids,
+            "capacity": "i32",
+        }
+        yield f"apply_capacity/score/{ids}", capacity._score_order_kernel, score, {"BLOCK": capacity._BLOCK}, 4
 
 
 def main(archs):

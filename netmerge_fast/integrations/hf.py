@@ -35,6 +35,7 @@ from torch import nn
 from netmerge_fast import _checks, packed_experts, reference
 from netmerge_fast._backends import resolve
 from netmerge_fast.dispatch import moe_experts, run_validated
+from netmerge_fast.integrations import switch_transformers
 from netmerge_fast.routing import topk_gating
 
 __all__ = ["EXPERTS_IMPLEMENTATION", "HFPatchReport", "disable", "enable"]
@@ -120,10 +121,6 @@ _ROUTERS = {
     ("olmoe", "OlmoeTopKRouter"): (_softmax_router(cast_weights=True), _softmax_routing, None),
     ("deepseek_v3", "DeepseekV3TopkRouter"): (_deepseek_v3_router, _deepseek_v3_routing, torch.float32),
     ("gpt_oss", "GptOssTopKRouter"): (_gpt_oss_router, _gpt_oss_routing, None),
-}
-_UNSUPPORTED = {
-    "SwitchTransformersTop1Router": "Switch Transformers routes top-1 with a per-sequence expert capacity "
-    "(tokens over capacity are dropped) and keeps its experts as separate nn.Linear modules: not supported",
 }
 
 
@@ -290,7 +287,8 @@ def enable(
 
     Args:
         model: a transformers ``PreTrainedModel`` (e.g. ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``,
-            ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM``, ``DeepseekV3ForCausalLM``, ``GptOssForCausalLM``).
+            ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM``, ``DeepseekV3ForCausalLM``, ``GptOssForCausalLM``,
+            ``SwitchTransformersForConditionalGeneration``: see ``integrations.switch_transformers``).
         routing: patch the router modules' forward (their class, outputs and hooks stay).
         experts: select the ``"netmerge"`` experts implementation (``model.set_experts_implementation``). On CPU,
             calls that need no gradient run on a copy of each module's weights packed by ``pack_experts`` (made on
@@ -324,6 +322,7 @@ def enable(
         _enable_routing(model, report)
     if experts:
         _enable_experts(model, report, quantize_experts)
+    switch_transformers.enable(model, report, routing=routing, experts=experts)
     if not report.changed and not report.skipped:
         report.skipped[""] = f"{type(model).__name__} has no MoE router or experts module that transformers dispatches"
     for name, why in report.skipped.items():
@@ -344,8 +343,6 @@ def _enable_routing(model: nn.Module, report: HFPatchReport) -> None:
                 continue
             module.forward = types.MethodType(forward, module)
             report.routers.append(name)
-        elif type(module).__name__ in _UNSUPPORTED:
-            report.skipped[name] = _UNSUPPORTED[type(module).__name__]
         elif _looks_like_router(module) and not _is_experts_module(module):
             report.skipped[name] = f"router class {type(module).__name__} is not known to netmerge-fast"
 
@@ -398,6 +395,7 @@ def disable(model: nn.Module) -> None:
     report = getattr(model, "_netmerge_report", None)
     if report is None:
         return
+    switch_transformers.disable(model, report)
     modules = dict(model.named_modules())
     for name in report.routers:
         modules[name].__dict__.pop("forward", None)

@@ -14,13 +14,24 @@ from netmerge_fast.combine import METHODS, combine_logits
 from netmerge_fast.nn.augmentations import resolve_augmentation
 from netmerge_fast.nn.gate_files import check_config, load_gates, save_gates
 from netmerge_fast.nn.pan import PAN
-from netmerge_fast.nn.universal_gate import UniversalGate
+from netmerge_fast.nn.universal_gate import (
+    FEATURES,
+    UniversalGate,
+    calibration_bases,
+    calibration_moments,
+    expert_features,
+)
 
 # "gate" is left out: inside the module the gate is a PAN, the universal gate or the oracle.
 DATA_FREE_COMBINERS = tuple(m for m in METHODS if m != "gate")
-GATED_COMBINERS = ("pan_logits", "pan_features", "universal")
+PAN_COMBINERS = ("pan_logits", "pan_features", "pan_statistics")
+GATED_COMBINERS = (*PAN_COMBINERS, "universal")
 COMBINERS = (*DATA_FREE_COMBINERS, *GATED_COMBINERS, "oracle")
 AGGREGATES = ("mean", "vote")
+# The seed's "agnostic" PAN: statistics [mean, std, max] of the expert's logits into an MLP 3-80-50-20-2.
+SEED_PAN_STATS = ("mean", "std", "max")
+STATISTICS_PAN_HIDDEN = (80, 50, 20)
+CALIBRATION_COUNT = 2048
 
 
 class HeterogeneousMoE(nn.Module):
@@ -35,27 +46,35 @@ class HeterogeneousMoE(nn.Module):
         combiner: how the experts' answers become one:
 
             - every ``combine_logits`` method but ``"gate"`` (``"naive"``, ``"std"``, ``"range"``, ...): data-free.
-            - ``"pan_logits"`` / ``"pan_features"``: one ``PAN`` per expert on its logits / its features;
-              exactly one claim selects that expert, none or several fall back to the concatenation. Train them
-              with ``netmerge_fast.training.GatingTrainer`` (or ``load_gates``) before use.
+            - ``"pan_logits"`` / ``"pan_features"`` / ``"pan_statistics"``: one ``PAN`` per expert on its logits
+              / its features / statistics of its logits (``pan_stats``; the seed's "agnostic" PAN, MLP
+              3-80-50-20-2); exactly one claim selects that expert, none or several fall back to the
+              concatenation. Train them with ``netmerge_fast.training.GatingTrainer`` (or ``load_gates``).
             - ``"universal"``: one ``UniversalGate`` shared by every expert; the highest "mine" score wins. By
               default the gate bundled with the package, so it works with no data at all.
             - ``"oracle"``: the true domain (``forward(x, domain=...)``) selects the expert; an upper bound for
               evaluation only.
 
         augmentations: multi-pass test-time augmentation: the plain input plus one pass per entry (a name from
-            ``netmerge_fast.nn.augmentations.AUGMENTATIONS``: ``"gaussian"``, ``"poisson"``, ``"flip"``,
-            ``"random_resized_crop"``, ``"sharpen"``, or a callable batch -> batch); every pass is combined by
-            ``combiner`` and the passes are aggregated.
-        aggregate: ``"mean"`` of the passes' combined logits, or ``"vote"``: the output counts each class's
-            per-pass argmax wins (plus 0.5 for the plain pass's answer, which breaks ties).
+            ``netmerge_fast.nn.augmentations.AUGMENTATIONS``: the seed's ``"gaussian"``, ``"poisson"``,
+            ``"horizontal_flip"``, ``"vertical_flip"``, ``"random_resized_crop"``, ``"sharpen"``, the project's
+            ``"rotate180"``, ``"random_square_crop"``; or a callable batch -> batch, e.g. one of the seed's
+            ``SEED_CONFIGURATIONS``' lists); every pass is combined by ``combiner`` and the passes are aggregated.
+        aggregate: ``"mean"`` of the passes' combined logits, or ``"vote"``, the seed's majority vote
+            (``torch.mode`` of the passes' answers): the output holds each class's number of per-pass argmax
+            wins, so its argmax is the most frequent answer, a tie going to the lowest class index (as
+            ``torch.mode`` on CPU).
         feature_modules: for ``"pan_features"`` with experts that return plain logits: one submodule per expert
             whose output (captured by a forward hook) is the feature.
         feature_dims: feature widths for ``"pan_features"`` (default: found by the trainer from the features).
         gate: a ``UniversalGate`` for ``"universal"`` (default ``UniversalGate.pretrained()``).
+        pan_stats: the features of ``"pan_statistics"``' PANs (names as ``UniversalGate``'s ``stats``; default the
+            seed's ``("mean", "std", "max")``).
 
     Every expert runs once per forward: the augmented passes are stacked into one batch. No host syncs on the
-    path (except the oracle's range check of ``domain``).
+    path (except the oracle's range check of ``domain``). A gate on calibrated (``z_``) features needs each
+    expert's reference moments (``calibrate``): the first forward computes them from Gaussian noise shaped like
+    its input rows if ``calibrate`` was not called.
 
     Example::
 
@@ -74,6 +93,7 @@ class HeterogeneousMoE(nn.Module):
         feature_modules: Sequence[nn.Module] | None = None,
         feature_dims: Sequence[int] | None = None,
         gate: UniversalGate | None = None,
+        pan_stats: Sequence[str] = SEED_PAN_STATS,
     ) -> None:
         super().__init__()
         if isinstance(experts, nn.Module) or not isinstance(experts, Sequence):
@@ -108,8 +128,18 @@ class HeterogeneousMoE(nn.Module):
 
         self.pans: nn.ModuleList | None = None
         self.gate: UniversalGate | None = None
+        if isinstance(pan_stats, str) or not isinstance(pan_stats, Sequence) or not pan_stats:
+            raise TypeError(f"pan_stats must be a non-empty sequence of feature names, got {pan_stats!r}")
+        self.pan_stats = tuple(_checks.choice("pan_stats", s, FEATURES) for s in pan_stats)
+        if self.pan_stats != SEED_PAN_STATS and combiner != "pan_statistics":
+            raise ValueError(f"pan_stats is only used with combiner='pan_statistics', got combiner={combiner!r}")
+        # [E, Z, 2] reference moments of the calibrated features (see calibrate); None until computed
+        self.register_buffer("calibration", None, persistent=False)
+        self._calibration_bases: tuple[str, ...] = ()
         if combiner == "pan_logits":
             self.pans = nn.ModuleList(PAN(c) for c in self.class_counts).to(device)
+        elif combiner == "pan_statistics":
+            self.build_pans([len(self.pan_stats)] * self.num_experts, STATISTICS_PAN_HIDDEN)
         elif combiner == "pan_features" and feature_dims is not None:
             if len(feature_dims) != len(experts):
                 raise ValueError(f"feature_dims has {len(feature_dims)} entries but there are {len(experts)} experts")
@@ -129,10 +159,69 @@ class HeterogeneousMoE(nn.Module):
     def uses_features(self) -> bool:
         return self.combiner == "pan_features"
 
-    def build_pans(self, in_features: Sequence[int]) -> None:
+    def build_pans(self, in_features: Sequence[int], hidden: Sequence[int] = (80, 60)) -> None:
         """Fresh PANs with these input widths (the trainer calls this for ``pan_features``)."""
         device = _common_device(self.experts)
-        self.pans = nn.ModuleList(PAN(d) for d in in_features).to(device)
+        self.pans = nn.ModuleList(PAN(d, hidden) for d in in_features).to(device)
+
+    @property
+    def gate_features(self) -> tuple[str, ...]:
+        """The features the gates read: the universal gate's ``stats``, the statistics PANs' ``pan_stats``."""
+        if self.combiner == "universal":
+            return self.gate.stats
+        return self.pan_stats if self.combiner == "pan_statistics" else ()
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(calibration_bases(self.gate_features))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None and self._calibration_bases == calibration_bases(self.gate_features)
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        input_shape: Sequence[int] | None = None,
+        *,
+        inputs: torch.Tensor | None = None,
+        count: int = CALIBRATION_COUNT,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> HeterogeneousMoE:
+        """Data-free calibration: each expert's mean and std of every feature the gate standardises (its ``z_``
+        features), measured on reference inputs from no one's domain, kept in the buffer ``calibration``
+        ``[E, Z, 2]``. By default ``count`` standard-normal inputs of ``input_shape`` (one row's shape, e.g.
+        ``(1, 28, 28)``), drawn on the experts' device from ``seed``: the scale of standardised inputs. Or pass
+        ``inputs`` ``[N, ...]`` of your own (synthetic) reference inputs; they must not come from the experts'
+        domains for the merge to stay data-free. The experts run in eval mode (restored after), in chunks."""
+        device = _common_device(self.experts)
+        if inputs is None:
+            if input_shape is None:
+                raise ValueError("calibrate needs input_shape (the shape of one input row) or inputs")
+            shape = [_checks.integer(f"input_shape[{i}]", d, low=1) for i, d in enumerate(input_shape)]
+            _checks.integer("count", count, low=2)
+            gen = torch.Generator(device=device).manual_seed(_checks.integer("seed", seed, low=0))
+            inputs = torch.randn(count, *shape, generator=gen, device=device, dtype=dtype)
+        else:
+            _checks.tensor("inputs", inputs, floating=True)
+            if inputs.shape[0] < 2:
+                raise ValueError(f"inputs must hold at least 2 reference rows, got {inputs.shape[0]}")
+        modes = [e.training for e in self.experts]
+        self.experts.eval()
+        try:
+            chunks = [self.expert_outputs(inputs[s : s + 1024].to(device))[0] for s in range(0, len(inputs), 1024)]
+        finally:
+            for e, mode in zip(self.experts, modes, strict=True):
+                e.train(mode)
+        logits = [torch.cat([c[i] for c in chunks]) for i in range(self.num_experts)]
+        self.calibration = calibration_moments(logits, self.class_counts, self.gate_features).to(device)
+        self._calibration_bases = calibration_bases(self.gate_features)
+        return self
+
+    def _ensure_calibrated(self, x: torch.Tensor) -> None:
+        if self.needs_calibration and not self.calibrated:
+            self.calibrate(x.shape[1:], dtype=x.dtype if x.is_floating_point() else torch.float32)
 
     def _capture_hook(self, index: int):
         def hook(_module, _inputs, output):
@@ -176,19 +265,23 @@ class HeterogeneousMoE(nn.Module):
         (int64, -1 where no single expert was selected; for augmented passes, the plain pass's winner).
 
         ``domain`` ``[B]`` int: the true expert of each row, for ``combiner="oracle"`` only."""
+        combined, winner = self.combined_passes(x, domain)
+        combined = combined[0] if len(combined) == 1 else aggregate_passes(combined, self.aggregate)
+        return (combined, winner[0]) if return_winner else combined
+
+    def combined_passes(self, x: torch.Tensor, domain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every pass (the plain input, then one per augmentation) combined on its own, before aggregation:
+        ``(combined [P, B, sum C_i], winner [P, B])``; the experts run once, on all passes stacked."""
         _checks.tensor("x", x)
         if (domain is not None) != (self.combiner == "oracle"):
             raise ValueError("domain is required with combiner='oracle' and only used there")
-        batch = x.shape[0]
+        self._ensure_calibrated(x)
         passes = 1 + len(self.augmentations)
         if passes > 1:
             x = torch.cat([x, *(aug(x) for aug in self.augmentations)])
         logits, feats = self.expert_outputs(x, features=self.uses_features)
         combined, winner = self.combine(logits, feats, domain.repeat(passes) if domain is not None else None)
-        if passes > 1:
-            combined = self._aggregate(combined.view(passes, batch, -1))
-            winner = winner[:batch]
-        return (combined, winner) if return_winner else combined
+        return combined.view(passes, -1, combined.shape[-1]), winner.view(passes, -1)
 
     def combine(
         self, logits: list[torch.Tensor], features: list[torch.Tensor] | None = None, domain: torch.Tensor | None = None
@@ -203,7 +296,8 @@ class HeterogeneousMoE(nn.Module):
     def gate_output(
         self, logits: list[torch.Tensor], features: list[torch.Tensor] | None = None, domain: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``[B, E]``: the PANs' boolean claims, the universal gate's float scores or the oracle's one-hot."""
+        """``[B, E]``: the PANs' boolean claims, the universal gate's float scores or the oracle's one-hot. Gates
+        on calibrated features need ``calibrate`` first (``forward`` does it)."""
         if self.combiner == "oracle":
             _checks.tensor("domain", domain, dim=1, integer=True)
             if domain.shape[0] != logits[0].shape[0]:
@@ -212,28 +306,38 @@ class HeterogeneousMoE(nn.Module):
                 raise ValueError(f"domain must hold expert indices in [0, {self.num_experts - 1}]")
             return nn.functional.one_hot(domain.to(logits[0].device), self.num_experts).float()
         if self.combiner == "universal":
-            return self.gate.scores(logits, self.class_counts)
+            return self.gate.scores(logits, self.class_counts, self._calibration_or_error())
         if self.pans is None:
             raise RuntimeError("the PANs are not built yet: train them (GatingTrainer.fit) or load_gates first")
-        inputs = features if self.combiner == "pan_features" else logits
+        inputs = self.pan_inputs(logits, features)
         return torch.stack([pan.claims(v) for pan, v in zip(self.pans, inputs, strict=True)], dim=1)
 
-    def _aggregate(self, combined: torch.Tensor) -> torch.Tensor:
-        if self.aggregate == "mean":
-            return combined.mean(0)
-        classes = combined.shape[-1]
-        votes = nn.functional.one_hot(combined.argmax(-1), classes).sum(0).to(combined.dtype)
-        return votes + 0.5 * nn.functional.one_hot(combined[0].argmax(-1), classes).to(combined.dtype)
+    def pan_inputs(self, logits: list[torch.Tensor], features: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """What each PAN reads: the expert's logits, its features, or the ``[B, S]`` statistics of its logits."""
+        if self.combiner == "pan_features":
+            return features
+        if self.combiner == "pan_statistics":
+            stats = expert_features(logits, self.class_counts, self.pan_stats, self._calibration_or_error())
+            return list(stats.unbind(1))
+        return logits
+
+    def _calibration_or_error(self) -> torch.Tensor | None:
+        if not self.needs_calibration:
+            return None
+        if not self.calibrated:
+            raise RuntimeError("the gate reads calibrated (z_) features: call calibrate(input_shape) first")
+        return self.calibration
 
     def gate_config(self) -> dict:
         if self.combiner == "universal":
             return self.gate.config()
-        if self.combiner in ("pan_logits", "pan_features") and self.pans is not None:
-            return {
+        if self.combiner in PAN_COMBINERS and self.pans is not None:
+            config = {
                 "kind": self.combiner,
                 "in_features": [p.in_features for p in self.pans],
                 "hidden": [list(p.hidden) for p in self.pans],
             }
+            return config | ({"stats": list(self.pan_stats)} if self.combiner == "pan_statistics" else {})
         raise ValueError(f"combiner={self.combiner!r} has no trained gates to save")
 
     def save_gates(self, path: str | os.PathLike) -> None:
@@ -246,13 +350,19 @@ class HeterogeneousMoE(nn.Module):
         state, config = load_gates(path)
         if self.combiner == "universal":
             check_config(path, config, self.gate.config())
+            if config.get("standardise", False) != self.gate.standardise:
+                found = config.get("standardise", False)
+                raise ValueError(f"path {os.fspath(path)!r} holds gates for another model: standardise: file has "
+                                 f"{found!r}, model needs {self.gate.standardise!r}")  # fmt: skip
             self.gate.load_state_dict(state)
             return
-        if self.combiner not in ("pan_logits", "pan_features"):
+        if self.combiner not in PAN_COMBINERS:
             raise ValueError(f"combiner={self.combiner!r} has no gates to load")
         expected = {"kind": self.combiner}
-        if self.combiner == "pan_logits" or self.pans is not None:
+        if self.combiner != "pan_features" or self.pans is not None:
             expected |= {"in_features": [p.in_features for p in self.pans]}
+        if self.combiner == "pan_statistics":
+            expected |= {"stats": list(self.pan_stats)}
         check_config(path, config, expected)
         if len(config["in_features"]) != self.num_experts:
             found = len(config["in_features"])
@@ -261,6 +371,15 @@ class HeterogeneousMoE(nn.Module):
         self.pans = nn.ModuleList(PAN(d, h) for d, h in zip(config["in_features"], config["hidden"], strict=True))
         self.pans.load_state_dict(state)
         self.pans.to(device)
+
+
+def aggregate_passes(combined: torch.Tensor, aggregate: str = "mean") -> torch.Tensor:
+    """``[P, B, C]`` combined logits of P passes -> ``[B, C]``: their ``"mean"``, or the ``"vote"`` counts (each
+    class's number of per-pass argmax wins: the argmax is the mode, ties to the lowest class index)."""
+    _checks.choice("aggregate", aggregate, AGGREGATES)
+    if aggregate == "mean":
+        return combined.mean(0)
+    return nn.functional.one_hot(combined.argmax(-1), combined.shape[-1]).sum(0).to(combined.dtype)
 
 
 def _common_device(experts: nn.ModuleList) -> torch.device:

@@ -14,8 +14,9 @@ from netmerge_fast import _checks
 class PAN(nn.Module):
     """MLP ``in_features -> 80 -> 60 -> 2`` with ReLU, as the seed: output ``[B, 2]`` logits, column 1 is "mine".
 
-    The input is the expert's logits ``[B, C_i]`` (``combiner="pan_logits"``) or its penultimate features
-    ``[B, F_i]`` (``combiner="pan_features"``); the expert stays frozen while its PAN trains.
+    The input is the expert's logits ``[B, C_i]`` (``combiner="pan_logits"``), its penultimate features
+    ``[B, F_i]`` (``combiner="pan_features"``) or statistics of its logits ``[B, S]`` (``combiner="pan_statistics"``,
+    with ``hidden=(80, 50, 20)``: the seed's agnostic PAN); the expert stays frozen while its PAN trains.
 
     Example::
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from netmerge_fast import _checks, packed_experts, reference
+from netmerge_fast.capacity import apply_capacity, expert_capacity
 from netmerge_fast.dispatch import ACTIVATIONS, moe_experts, run_validated
-from netmerge_fast.routing import load_balancing_loss, router_z_loss, topk_gating
+from netmerge_fast.routing import expert_counts, load_balancing_loss, router_z_loss, slot_probabilities, topk_gating
 
-__all__ = ["MoEExperts", "SharedExpert", "SparseMoE"]
+__all__ = ["MoEExperts", "RouterStats", "SharedExpert", "SparseMoE"]
 
 
 def _uniform_(weight: torch.Tensor, fan_in: int) -> None:
@@ -146,6 +150,31 @@ class SharedExpert(nn.Module):
         return self.down_proj(reference.gated_activation(self.activation, self.gate_proj(x), self.up_proj(x)))
 
 
+class RouterStats(NamedTuple):
+    """One forward's routing, as device tensors (reading them is the only host sync).
+
+    ``tokens_per_expert [E]`` int64: slots the router chose for each expert (before capacity); ``dropped [E]``
+    int64: of those, the slots over the expert's capacity; ``load_cv`` float32 scalar: coefficient of variation
+    of ``tokens_per_expert`` (population std / mean; 0 for an empty batch), 0 when perfectly balanced.
+    """
+
+    tokens_per_expert: torch.Tensor
+    dropped: torch.Tensor
+    load_cv: torch.Tensor
+
+    @property
+    def dispatched(self) -> torch.Tensor:
+        """[E] int64: slots each expert computed (``tokens_per_expert - dropped``)."""
+        return self.tokens_per_expert - self.dropped
+
+
+def load_cv(load: torch.Tensor) -> torch.Tensor:
+    """Coefficient of variation (population std / mean) of per-expert loads, float32; 0 when the mean is 0."""
+    load = load.float()
+    mean = load.mean()
+    return torch.where(mean > 0, load.std(correction=0) / mean.clamp_min(1e-30), 0.0)
+
+
 class SparseMoE(nn.Module):
     """Router (``nn.Linear``) + ``topk_gating`` + ``moe_experts``, with an optional shared expert.
 
@@ -167,10 +196,29 @@ class SparseMoE(nn.Module):
         router_bias: give the router a bias. selection_bias: DeepSeek-V3's ``e_score_correction_bias``.
         softmax_after_topk: GPT-OSS routing (top-k on logits, softmax over the k).
         aux_loss_coef, z_loss_coef: coefficients of ``aux_loss()``.
-        backend: passed to both ops.
+        capacity_factor: ``> 0``: each expert takes at most ``ceil(capacity_factor * N * k / E)`` of the N tokens'
+            slots of a call and the rest are dropped (their weight 0: a dropped token's output is the shared
+            expert's, or 0 - add a residual around the layer, as Switch does); ``0`` or ``None``: dropless.
+        capacity_order: which slots an expert keeps (``apply_capacity``): ``"token"`` (earlier tokens, Switch) or
+            ``"score"`` (higher router probability, GShard / batch-prioritised routing).
+        bias_update_rate: with ``selection_bias``, the step of ``update_selection_bias()`` (DeepSeek-V3's gamma).
+        backend: passed to every op.
 
-    After each forward, ``router_logits`` holds the last ``[N, E]`` router logits and ``topk_ids`` the choices;
-    ``aux_loss()`` is ``aux_loss_coef * load_balancing_loss + z_loss_coef * router_z_loss`` on them.
+    After each forward, ``router_logits`` holds the last ``[N, E]`` router logits, ``topk_ids`` the router's
+    choices (before capacity), ``dispatched_ids`` the ids the experts ran (-1: dropped) and ``router_stats`` a
+    ``RouterStats`` (tokens per expert, dropped slots, the load's coefficient of variation; no host sync).
+    ``aux_loss()`` is ``aux_loss_coef * load_balancing_loss + z_loss_coef * router_z_loss`` on the logits and
+    the router's choices.
+
+    Aux-loss-free balancing (DeepSeek-V3): with ``selection_bias=True`` every training-mode forward adds its
+    ``tokens_per_expert`` to the buffer ``expert_load``; ``update_selection_bias()`` (call it after each
+    optimizer step) moves ``gate.e_score_correction_bias`` by ``bias_update_rate * sign(mean_load - load_e)``
+    and clears ``expert_load``. The bias is a buffer (saved in the state_dict, no gradient); ``expert_load`` is
+    not saved (it only spans one optimizer step), so the state_dict keys stay Hugging Face's.
+
+    Routing replay: ``moe(x, replay_ids=ids)`` or ``with moe.replay(ids):`` uses the given router choices
+    (``[N, k]``, e.g. recorded by ``with moe.record_routing() as calls:``) instead of selecting; capacity is
+    applied after, as in the recorded call.
 
     Example (Qwen3-30B-A3B)::
 
@@ -203,6 +251,9 @@ class SparseMoE(nn.Module):
         softmax_after_topk: bool = False,
         aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.0,
+        capacity_factor: float | None = None,
+        capacity_order: str = "token",
+        bias_update_rate: float = 1e-3,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -227,10 +278,18 @@ class SparseMoE(nn.Module):
         }
         self.aux_loss_coef = _checks.finite_real("aux_loss_coef", aux_loss_coef)
         self.z_loss_coef = _checks.finite_real("z_loss_coef", z_loss_coef)
+        if capacity_factor is not None and _checks.finite_real("capacity_factor", capacity_factor) < 0:
+            raise ValueError(f"capacity_factor must be >= 0 (0 or None: dropless), got {capacity_factor}")
+        self.capacity_factor = capacity_factor
+        self.capacity_order = _checks.choice("capacity_order", capacity_order, ("token", "score"))
+        if _checks.finite_real("bias_update_rate", bias_update_rate) < 0:
+            raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate}")
+        self.bias_update_rate = float(bias_update_rate)
         self.backend = backend
         self.gate = nn.Linear(hidden_size, num_experts, bias=router_bias)
         if selection_bias:
             self.gate.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+            self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.experts = MoEExperts(
             hidden_size, intermediate_size, num_experts, activation=activation, gated=gated, bias=bias, backend=backend
         )
@@ -240,29 +299,88 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
         self.router_logits: torch.Tensor | None = None
         self.topk_ids: torch.Tensor | None = None
+        self.dispatched_ids: torch.Tensor | None = None
+        self.router_stats: RouterStats | None = None
+        self._replaying: Iterator[torch.Tensor] | None = None
+        self._recording: list[torch.Tensor] | None = None
         # Checks the routing arguments once, at construction.
         topk_gating(torch.zeros(1, num_experts), top_k, **self._routing_args(), backend="torch")
 
     def _routing_args(self) -> dict:
         return dict(self.routing, bias=getattr(self.gate, "e_score_correction_bias", None))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, replay_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., H]`` -> same shape. ``replay_ids [N, k]`` (N = tokens of x): use these router choices."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits = self.gate(flat)
-        weights, ids = topk_gating(logits, self.top_k, **self._routing_args(), backend=self.backend)
-        out = self.experts(flat, weights, ids, checked=False)
+        if replay_ids is None and self._replaying is not None:
+            replay_ids = next(self._replaying, None)
+            if replay_ids is None:
+                raise RuntimeError("moe.replay(...): more forward calls than recorded routings")
+        routing = dict(self._routing_args(), backend=self.backend)
+        weights, ids = topk_gating(logits, self.top_k, **routing, replay_ids=replay_ids)
+        load = expert_counts(ids, self.num_experts)
+        dispatched, dropped = ids, torch.zeros_like(load)
+        capacity = expert_capacity(flat.shape[0], self.top_k, self.num_experts, self.capacity_factor)
+        if capacity is not None:
+            priority = slot_probabilities(logits, ids, routing) if self.capacity_order == "score" else None
+            dispatched, weights, dropped = apply_capacity(
+                ids, weights, self.num_experts, capacity, self.capacity_order, self.backend, priority=priority,
+                return_dropped=True,
+            )  # fmt: skip
+        out = self.experts(flat, weights, dispatched, checked=False)
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
             out = out + shared
-        self.router_logits, self.topk_ids = logits, ids
+        self.router_logits, self.topk_ids, self.dispatched_ids = logits, ids, dispatched
+        self.router_stats = RouterStats(load, dropped, load_cv(load))
+        if self.training and hasattr(self, "expert_load"):
+            self.expert_load.add_(load)
+        if self._recording is not None:
+            self._recording.append(ids.detach())
         return out.reshape(shape)
 
     def quantize_experts(self, mode: str | None = "int8", *, group_size: int | None = None) -> None:
         """Run the experts on int8 weights (see ``MoEExperts.quantize_experts``); ``None`` undoes it."""
         self.experts.quantize_experts(mode, group_size=group_size)
+
+    @torch.no_grad()
+    def update_selection_bias(self) -> None:
+        """DeepSeek-V3's aux-loss-free step: ``bias_e += rate * sign(mean_load - load_e)`` over the loads of the
+        training forwards since the last call, then clear them. On the device, no host sync, no gradient."""
+        if not hasattr(self, "expert_load"):
+            raise RuntimeError("update_selection_bias() needs SparseMoE(..., selection_bias=True)")
+        load = self.expert_load.double()
+        bias = self.gate.e_score_correction_bias
+        bias.add_((self.bias_update_rate * torch.sign(load.mean() - load)).to(bias.dtype))
+        self.expert_load.zero_()
+
+    @contextlib.contextmanager
+    def record_routing(self) -> Iterator[list[torch.Tensor]]:
+        """Collect the router's choices (``topk_ids``, before capacity) of every forward in the block, in order."""
+        calls: list[torch.Tensor] = []
+        previous, self._recording = self._recording, calls
+        try:
+            yield calls
+        finally:
+            self._recording = previous
+
+    @contextlib.contextmanager
+    def replay(self, ids: torch.Tensor | Sequence[torch.Tensor]) -> Iterator[None]:
+        """Forwards in the block use recorded router choices instead of selecting: one ``[N, k]`` tensor for
+        every call, or a sequence of them consumed one per call (more calls than entries: RuntimeError)."""
+        if isinstance(ids, torch.Tensor):
+            source = iter(lambda: ids, None)
+        else:
+            source = iter(list(ids))
+        previous, self._replaying = self._replaying, source
+        try:
+            yield
+        finally:
+            self._replaying = previous
 
     def aux_loss(self) -> torch.Tensor:
         """``aux_loss_coef * load_balancing_loss + z_loss_coef * router_z_loss`` of the last forward."""

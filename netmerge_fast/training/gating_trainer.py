@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -11,10 +12,12 @@ import torch
 from torch import nn
 
 from netmerge_fast import _checks
-from netmerge_fast.nn.heterogeneous_moe import HeterogeneousMoE
+from netmerge_fast.nn.heterogeneous_moe import PAN_COMBINERS, HeterogeneousMoE
 from netmerge_fast.training.synthetic_negatives import NEGATIVE_KINDS, synthesise_negatives
 
 _CHUNK = 1024  # rows per expert call when collecting outputs from a tensor
+_TRAINABLE = (*PAN_COMBINERS, "universal")
+_REFRESH_S = 0.25  # a terminal's progress bar redraws at most 4 times a second
 
 
 @dataclass
@@ -34,11 +37,12 @@ class _Collected:
     features: list[torch.Tensor] | None
     owner: torch.Tensor | None
     targets: torch.Tensor | None = None
-    inputs: list[torch.Tensor] = field(default_factory=list)
+    row_shape: list[int] = field(default_factory=list)  # the shape of one input row (for calibration)
 
 
 class GatingTrainer:
-    """Trains the gates of ``moe`` (``combiner`` ``"pan_logits"``, ``"pan_features"`` or ``"universal"``).
+    """Trains the gates of ``moe`` (``combiner`` ``"pan_logits"``, ``"pan_features"``, ``"pan_statistics"`` or
+    ``"universal"``).
 
     The experts are frozen: their outputs are computed once (eval mode, no grad) and the small gates train on
     them. Each gate starts from fresh weights drawn from ``seed``; a fixed seed gives the same gates run to run.
@@ -47,12 +51,14 @@ class GatingTrainer:
         moe: the model whose gates to fit (in place).
         seed: seeds initialisation, the validation split and the batch order.
         lr, momentum: SGD, as the seed repository (0.01, 0.9).
-        batch_size: gate training batch.
+        batch_size: gate training batch (the seed's PANs: 512, 10 epochs, the last epoch kept, unweighted loss;
+            the batch, the early stopping and ``balance`` here are the project's).
         val_fraction: held out for early stopping: the weights with the lowest validation loss are kept, and
             training stops after ``patience`` epochs without improvement.
         balance: weight "mine" and "not mine" equally in the loss (with E experts only 1/E of the rows are a
             gate's own; the seed had E = 2, where this changes little).
-        progress: show a progress bar (tqdm) per gate.
+        progress: report progress per gate on stderr: on a terminal a tqdm bar redrawn at most 4 times a
+            second; otherwise (a log file, CI) one line per epoch.
 
     Example::
 
@@ -104,19 +110,23 @@ class GatingTrainer:
 
         ``inputs``: a tensor ``[N, ...]`` with ``owner`` ``[N]``, or an iterable of ``(x, owner)`` batches (a
         DataLoader; ``owner`` then None). ``experts``: which PANs to fit (default all; the universal gate is one).
+        Gates on calibrated (``z_``) features calibrate the experts first if they are not (``moe.calibrate``).
         """
         _checks.integer("epochs", epochs, low=1)
-        if self.moe.combiner not in ("pan_logits", "pan_features", "universal"):
+        if self.moe.combiner not in _TRAINABLE:
             raise ValueError(f"combiner={self.moe.combiner!r} has no gates to train")
         data = self._collect(inputs, owner, need_owner=True)
+        self._calibrate(data)
         if self.moe.combiner == "universal":
-            stats = self.moe.gate.statistics(data.logits, self.moe.class_counts)  # [N, E, S]
+            stats = self.moe.gate.statistics(data.logits, self.moe.class_counts, self.moe.calibration)  # [N, E, S]
+            if self.moe.gate.standardise:
+                self.moe.gate.fit_standardisation(stats)
             member = data.owner.unsqueeze(1) == torch.arange(self.moe.num_experts, device=data.owner.device)
             self._train_binary("universal", self.moe.gate, stats.flatten(0, 1), member.flatten(), epochs, 0)
             return self
+        inputs_per_pan = self.moe.pan_inputs(data.logits, data.features)
         for i in self._pan_indices(experts, data.features):
-            values = (data.features if self.moe.uses_features else data.logits)[i]
-            self._train_binary(f"pan[{i}]", self.moe.pans[i], values, data.owner == i, epochs, i)
+            self._train_binary(f"pan[{i}]", self.moe.pans[i], inputs_per_pan[i], data.owner == i, epochs, i)
         return self
 
     def fit_data_free(
@@ -132,7 +142,7 @@ class GatingTrainer:
         synthesised: ``"noise"`` (Gaussian with the own data's per-position moments), ``"augment"`` (own inputs
         with their structure destroyed: positions shuffled, tiny crops blown up), ``"dream"`` (inputs that the
         OTHER experts are confident about, by gradient ascent on their weights: no data from their domains)."""
-        if self.moe.combiner not in ("pan_logits", "pan_features"):
+        if self.moe.combiner not in PAN_COMBINERS:
             raise ValueError(f"fit_data_free trains PANs; combiner is {self.moe.combiner!r}")
         if isinstance(own_inputs, torch.Tensor) or len(own_inputs) != self.moe.num_experts:
             raise ValueError(f"own_inputs must hold one input set per expert ({self.moe.num_experts})")
@@ -149,13 +159,18 @@ class GatingTrainer:
             with _seeded(self.seed * 1000 + i), _frozen(self.moe):
                 fake = synthesise_negatives(own, kinds, max(1, round(negatives_per_positive * len(own))), others)
             data = self._collect(torch.cat([own, fake.to(own.dtype)]), None, need_owner=False)
-            values = (data.features if self.moe.uses_features else data.logits)[i]
+            self._calibrate(data)
+            values = self.moe.pan_inputs(data.logits, data.features)[i]
             is_own = torch.arange(len(values), device=values.device) < len(own)
             self._train_binary(f"pan[{i}]", self.moe.pans[i], values, is_own, epochs, i)
         return self
 
+    def _calibrate(self, data: _Collected) -> None:
+        if self.moe.needs_calibration and not self.moe.calibrated:
+            self.moe.calibrate(data.row_shape)
+
     def _pan_indices(self, experts, features: list[torch.Tensor] | None = None) -> list[int]:
-        if self.moe.combiner not in ("pan_logits", "pan_features", "universal"):
+        if self.moe.combiner not in _TRAINABLE:
             raise ValueError(f"combiner={self.moe.combiner!r} has no gates to train")
         if self.moe.pans is None and features is not None:  # pan_features without feature_dims
             self.moe.build_pans([f.shape[1] for f in features])
@@ -165,8 +180,6 @@ class GatingTrainer:
         return indices
 
     def _train_binary(self, name, net: nn.Module, values, member, epochs: int, index: int) -> None:
-        from tqdm.auto import tqdm
-
         values = values.detach().float()
         member = member.long().to(values.device)
         gen = torch.Generator().manual_seed(self.seed * 1000 + index)
@@ -186,8 +199,8 @@ class GatingTrainer:
         history = {"train_loss": [], "val_loss": [], "val_accuracy": []}
         best, best_state, waited = float("inf"), None, 0
         net.train()
-        bar = tqdm(range(epochs), desc=f"fit {name}", disable=not self.progress, leave=False)
-        for _ in bar:
+        progress = _Progress(f"fit {name}", epochs) if self.progress else None
+        for _ in range(epochs):
             perm = train[torch.randperm(len(train), generator=gen).to(values.device)]
             total = 0.0
             for start in range(0, len(perm), self.batch_size):
@@ -205,13 +218,20 @@ class GatingTrainer:
                     acc = (out.argmax(1) == member[val]).float().mean().item()
                 history["val_loss"].append(val_loss)
                 history["val_accuracy"].append(acc)
-                bar.set_postfix(loss=f"{total / len(perm):.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{acc:.3f}")
+            if progress is not None:
+                metrics = {"loss": total / len(perm)}
+                if n_val:
+                    metrics |= {"val_loss": val_loss, "val_acc": acc}
+                progress.epoch(metrics)
+            if n_val:
                 if val_loss < best:
                     best, best_state, waited = val_loss, copy.deepcopy(net.state_dict()), 0
                 else:
                     waited += 1
                     if waited >= self.patience:
                         break
+        if progress is not None:
+            progress.close()
         if best_state is not None:
             net.load_state_dict(best_state)
         net.eval()
@@ -295,7 +315,9 @@ class GatingTrainer:
                 owners.append(o)
                 tgts.append(t)
         num = self.moe.num_experts
+        first = batches[0][0]
         data = _Collected(
+            row_shape=list(first.shape[1:]),
             logits=[torch.cat([b[i] for b in logits]) for i in range(num)],
             features=[torch.cat([b[i] for b in feats]) for i in range(num)] if self.moe.uses_features else None,
             owner=torch.cat(owners).to(device).long() if need_owner else None,
@@ -314,6 +336,34 @@ class GatingTrainer:
         if not isinstance(batch, list | tuple) or not 1 <= len(batch) <= 3 or (need_owner and len(batch) < 2):
             raise ValueError("each batch must be (x, owner) or (x, owner, target)")
         return batch[0], batch[1] if len(batch) > 1 else None, batch[2] if len(batch) > 2 else None
+
+
+class _Progress:
+    """Per-epoch progress on stderr: a tqdm bar on a terminal (redrawn at most every ``_REFRESH_S`` seconds), one
+    line per epoch anywhere else, so a log file gets a readable record instead of thousands of redraws."""
+
+    def __init__(self, name: str, epochs: int) -> None:
+        self.name, self.epochs, self.done = name, epochs, 0
+        self.stream = sys.stderr
+        self.bar = None
+        if getattr(self.stream, "isatty", lambda: False)():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=epochs, desc=name, file=self.stream, mininterval=_REFRESH_S, leave=False)
+
+    def epoch(self, metrics: dict[str, float]) -> None:
+        self.done += 1
+        shown = {k: f"{v:.3f}" for k, v in metrics.items()}
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(1)
+        else:
+            text = " ".join(f"{k}={v}" for k, v in shown.items())
+            print(f"{self.name}: epoch {self.done}/{self.epochs} {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _frozen:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from netmerge_fast.nn.augmentations import flip, random_resized_crop
+from netmerge_fast.nn.augmentations import random_square_crop, rotate180
 
 NEGATIVE_KINDS = ("noise", "augment", "dream")
 
@@ -28,7 +28,7 @@ def heavy_augment(own: torch.Tensor, count: int) -> torch.Tensor:
     shuffled = flat.gather(1, order).view_as(picks)
     if picks.dim() < 3:
         return shuffled
-    cropped = flip(random_resized_crop(picks, scale=(0.05, 0.2)))
+    cropped = rotate180(random_square_crop(picks, scale=(0.05, 0.2)))
     half = torch.rand(count, device=own.device) < 0.5
     return torch.where(half.view(-1, *([1] * (picks.dim() - 1))), shuffled, cropped)
 
