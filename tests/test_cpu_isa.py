@@ -43,6 +43,40 @@ def test_every_build_routes_like_the_reference(isa, gen):
             torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_build_selects_like_the_reference_at_every_width(isa, gen, dtype):
+    # Expert counts on both sides of the blocked path's limit (4 vectors: 32 experts on AVX2, 64 on AVX-512),
+    # k from 1 to E, groups holding fewer than k experts, and rows of ties, -inf, NaN and huge magnitudes.
+    cases = (
+        (8, 2, {}),
+        (20, 3, {"renormalize": False}),
+        (40, 6, {}),
+        (64, 8, {"scoring": "sigmoid"}),
+        (128, 8, {}),
+        (128, 8, {"renormalize": False}),
+        (160, 5, {"num_groups": 8, "topk_groups": 3}),
+        (64, 20, {"num_groups": 8, "topk_groups": 2}),
+        (33, 33, {}),
+        (96, 1, {"softmax_after_topk": True}),
+        (256, 8, {"scoring": "sigmoid", "num_groups": 8, "topk_groups": 4, "group_score": "top2_sum", "scale": 2.5}),
+    )
+    for E, k, options in cases:
+        if options.get("group_score") == "top2_sum":
+            options = dict(options, bias=torch.randn(E, generator=gen) * 0.1)
+        logits = torch.randn(50, E, generator=gen) * 3
+        logits[1] = 0.5  # all tied
+        logits[2] = float("-inf")
+        logits[3, ::3] = float("nan")
+        logits[4, : E // 2] = 1e30
+        logits[5, E // 3] = float("inf")
+        logits = logits.to(dtype)
+        for T in (1, 3, 50):  # the per-row path, and blocks with a remainder
+            w, i = nf.topk_gating(logits[:T], k, backend="cpu", **options)
+            rw, ri = reference.topk_gating(logits[:T], k, **options)
+            assert torch.equal(i.long(), ri.long()), (E, k, options, T)
+            torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+
+
 def test_every_build_computes_experts_and_their_gradients(isa, gen):
     T, k, E, H, inter = 40, 2, 6, 24, 20
     hidden = torch.randn(T, H, generator=gen, dtype=torch.float64, requires_grad=True)
