@@ -164,18 +164,14 @@ def _kang_demo(args: argparse.Namespace) -> int:
         settings.universal_stats = names
     args.seeds = args.seeds or (10 if args.full else 5)
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    # The models are tiny: on a CPU, one thread is faster than paying for thread sync on every small op.
-    torch.set_num_threads(1)
-    try:
-        table = reproduction.run(
-            args.seeds,
-            quick=args.quick,
-            settings=settings,
-            progress=lambda m: print(f"  ... {m}", file=sys.stderr, flush=True),
-        )
-    finally:
-        torch.set_num_threads(threads)
+    table = reproduction.run(
+        args.seeds,
+        quick=args.quick,
+        settings=settings,
+        progress=lambda m: print(f"  ... {m}", file=sys.stderr, flush=True),
+        # --quick (smoke tests) runs in this process: starting worker processes would cost more than its seeds.
+        workers=1 if args.quick else None,
+    )
     mode = " (quick)" if args.quick else " (full)" if args.full else ""
     counts = {name: len(rows["naive"]["per_seed"]) for name, rows in table.items()}
     fewer = ", ".join(f"{name}: {n}" for name, n in counts.items() if n != args.seeds)

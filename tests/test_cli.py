@@ -97,7 +97,7 @@ def test_demo_universal_stats_flag(capsys, monkeypatch):
 
     seen = {}
 
-    def fake_run(seeds, *, quick, settings, progress):
+    def fake_run(seeds, *, quick, settings, progress, workers):
         seen.update(seeds=seeds, quick=quick, stats=settings.universal_stats, lenet5=settings.lenet5_epochs,
                     mnist=settings.mnist_seeds)  # fmt: skip
         return {"disjoint_digits": {row: {"mean": 0.5, "std": 0.0, "per_seed": [0.5]} for row in reproduction.ROWS}}
@@ -160,3 +160,13 @@ def test_bench_hf_layout_quick(tmp_path, capsys):
     for row in rows:
         assert row["direct_us"] > 0 and row["relaid_us"] > 0
         assert row["x_relaid"] == pytest.approx(row["relaid_us"] / row["direct_us"])
+
+
+def test_demo_results_do_not_depend_on_the_worker_processes():
+    pytest.importorskip("sklearn")
+    from netmerge_fast.demo import reproduction
+
+    problems = ("disjoint_digits", "disjoint_mnist")
+    here = reproduction.run(2, quick=True, problems=problems, workers=1)
+    spawned = reproduction.run(2, quick=True, problems=problems, workers=2)
+    assert here == spawned and here["disjoint_mnist"]["naive"]["per_seed"]

@@ -29,14 +29,15 @@ def dense_loop(layer, x):
     return torch.stack(rows) if rows else flat.new_zeros(0, layer.out_features)
 
 
-def sparse_loop(layer, x, k):
-    """The k largest gate values renormalised (ties to the lower index), only those experts run."""
+def sparse_loop(layer, x, k, renormalize=True):
+    """The k largest gate values, renormalised (ties to the lower index) unless told not to; only those experts
+    run."""
     flat = x.flatten(1)
     rows = []
     for b in range(flat.shape[0]):
         g = torch.softmax(layer.gate(flat[b : b + 1])[0], 0)
         top = sorted(range(layer.num_experts), key=lambda i: (-float(g[i].detach()), i))[:k]
-        total = sum(g[i] for i in top)
+        total = sum(g[i] for i in top) if renormalize else 1.0
         rows.append(sum(g[i] / total * _expert(layer, i, flat[b]) for i in top))
     return torch.stack(rows)
 
@@ -67,6 +68,32 @@ def test_sparse_mixture_is_the_explicit_loop(k, backend, gen):
     assert layer.topk_ids.shape == (13, k) and layer.topk_ids.dtype == torch.int32
     assert layer.topk_weights.shape == (13, k) and layer.gate_probs.shape == (13, 4)
     torch.testing.assert_close(layer.topk_ids.long().cpu(), layer.gate_probs.cpu().topk(k, 1).indices)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_unrenormalised_sparse_mixture_is_the_explicit_loop_and_trains_the_gate(k, backend, gen):
+    torch.manual_seed(2)
+    layer = MixtureLayer(10, 6, num_experts=4, gate_hidden=8, top_k=k, backend=backend, renormalize=False)
+    x = torch.randn(11, 10, generator=gen)
+    out = layer.to(device_for(backend))(x.to(device_for(backend)))
+    out.square().sum().backward()
+    gate_grad = layer.gate[-1].weight.grad.cpu()
+    layer.cpu().zero_grad()
+    expected = sparse_loop(layer, x, k, renormalize=False)
+    torch.testing.assert_close(out.detach().cpu(), expected, rtol=1e-4, atol=1e-5)
+    expected.square().sum().backward()
+    torch.testing.assert_close(gate_grad, layer.gate[-1].weight.grad, rtol=1e-4, atol=1e-5)
+    assert gate_grad.abs().sum() > 0  # with k = 1 the renormalised weight is 1: no gradient reaches the gate
+    torch.testing.assert_close(layer.topk_weights.cpu(), layer.gate_probs.cpu().topk(k, 1).values)
+
+
+def test_renormalised_top1_gives_the_gate_no_gradient(gen):
+    layer = MixtureLayer(10, 6, num_experts=4, gate_hidden=8, top_k=1)
+    layer(torch.randn(7, 10, generator=gen)).sum().backward()
+    assert layer.gate[-1].weight.grad is None or not layer.gate[-1].weight.grad.any()
+    model = DeepMoE(10, [(4, 6), (3, 5)], 2, top_k=1, renormalize=False)
+    assert all(not m.renormalize for m in model.layers) and "renormalize=False" in repr(model)
 
 
 def _dense_and_sparse(seed, dtype, backend, **kwargs):
@@ -305,6 +332,7 @@ def test_exported():
         (lambda: MixtureLayer(4, 4, 3, balance_margin=-1.0), ValueError, "balance_margin"),
         (lambda: MixtureLayer(4, 4, 3, balance_margin=float("nan")), ValueError, "balance_margin"),
         (lambda: MixtureLayer(4, 4, 3, balance_margin="1"), TypeError, "balance_margin"),
+        (lambda: MixtureLayer(4, 4, 3, top_k=1, renormalize=1), TypeError, "renormalize"),
         (lambda: DeepMoE(4, [], 10), ValueError, "layers"),
         (lambda: DeepMoE(4, (4, 100), 10), TypeError, r"layers\[0\]"),
         (lambda: DeepMoE(4, "4x100", 10), TypeError, "layers"),

@@ -69,6 +69,12 @@ _register(
     False,
 )
 _register("dmoe_top1", "DMoE top-1 (sparse, balanced)", lambda w: DeepMoE(w, [(4, 100), (4, 100)], 10, top_k=1), True)
+_register(
+    "dmoe_top1_unnormalised",
+    "DMoE top-1, weight = gate probability (sparse, balanced)",
+    lambda w: DeepMoE(w, [(4, 100), (4, 100)], 10, top_k=1, renormalize=False),
+    True,
+)
 _register("dmoe_top2", "DMoE top-2 (sparse, balanced)", lambda w: DeepMoE(w, [(4, 100), (4, 100)], 10, top_k=2), True)
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +144,12 @@ def run_seed(seed: int, settings: Settings | None = None, problems=PROBLEMS) -> 
     return results
 
 
+def _timed_seed(seed: int, s: Settings, names: list[str]) -> tuple[dict, float]:
+    torch.set_num_threads(1)  # tiny models: one thread per job beats paying for thread sync on every small op
+    start = time.process_time()
+    return run_seed(seed, s, names), time.process_time() - start
+
+
 def run(
     seeds: int = 5,
     *,
@@ -148,19 +157,43 @@ def run(
     settings: Settings | None = None,
     problems: Sequence[str] = PROBLEMS,
     progress: Callable[[str], None] | None = None,
+    workers: int | None = 1,
 ) -> dict[str, dict[str, dict]]:
     """``{problem: {row: {"mean", "std", "per_seed"}}}`` over ``seeds`` seeds (``disjoint_mnist`` over the first
-    ``settings.mnist_seeds``, without the rows it skips; ``quick``: ``QUICK``'s few epochs and rows)."""
+    ``settings.mnist_seeds``, without the rows it skips; ``quick``: ``QUICK``'s few epochs and rows).
+
+    Seeds run in this process (``workers=1``) or in ``workers`` spawned processes of one thread each (``None``: one
+    per CPU core); every seed draws only from its own generators, so the results do not depend on it (tested).
+    Spawned workers re-import the calling script: call ``run`` under ``if __name__ == "__main__":`` there."""
     s = settings or Settings()
     if quick:
         s = Settings(**(vars(QUICK) | {"universal_stats": s.universal_stats}))
-    per_seed = []
-    for seed in range(seeds):
-        start = time.perf_counter()
-        names = [n for n in problems if n != "disjoint_mnist" or s.mnist_seeds is None or seed < s.mnist_seeds]
-        per_seed.append(run_seed(seed, s, names))
+    jobs = {
+        seed: [n for n in problems if n != "disjoint_mnist" or s.mnist_seeds is None or seed < s.mnist_seeds]
+        for seed in range(seeds)
+    }
+    workers = min(workers or os.cpu_count() or 1, max(seeds, 1))
+    results: dict[int, dict] = {}
+
+    def record(seed: int, outcome: tuple[dict, float]) -> None:
+        results[seed] = outcome[0]
         if progress:
-            progress(f"seed {seed} done in {time.perf_counter() - start:.1f} s")
+            progress(f"seed {seed} done in {outcome[1]:.1f} s of CPU")
+
+    if workers == 1:
+        threads = torch.get_num_threads()
+        try:
+            for seed, names in jobs.items():
+                record(seed, _timed_seed(seed, s, names))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        # The seeds with the MNIST LeNet5s cost most: they are submitted first (lowest seeds), the rest fill in.
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_timed_seed, seed, s, names): seed for seed, names in jobs.items()}
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+    per_seed = [results[seed] for seed in range(seeds)]
     table: dict[str, dict[str, dict]] = {}
     for name in problems:
         table[name] = {}

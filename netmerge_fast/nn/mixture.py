@@ -52,6 +52,9 @@ class MixtureLayer(nn.Module):
         balance_margin: the paper's balancing constraint with margin m (a number of inputs' worth of gate mass),
             or ``None`` for none. Settable later, e.g. ``layer.balance_margin = None`` for the fine-tuning phase.
         backend: passed to ``topk_gating`` and ``grouped_linear`` (sparse mode).
+        renormalize: sparse mode only: divide the k kept gate values by their sum (the default), or keep them as
+            the softmax gives them (Switch Transformers' top-1). With ``top_k=1`` renormalised weights are
+            identically 1, so the gate gets no gradient from the output; unrenormalised ones give it one.
 
     Parameters: ``expert_weight [E, out, in]``, ``expert_bias [E, out]`` and ``gate``, an ``nn.Sequential(Linear(in,
     gate_hidden), activation, Linear(gate_hidden, E))`` mapping x to the ``[B, E]`` gate logits (the router row of
@@ -90,6 +93,7 @@ class MixtureLayer(nn.Module):
         balance_margin: float | None = None,
         *,
         backend: str = "auto",
+        renormalize: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -102,6 +106,9 @@ class MixtureLayer(nn.Module):
         if top_k is not None:
             _checks.integer("top_k", top_k, low=1, high=num_experts)
         _checks.choice("activation", activation, LINEAR_ACTIVATIONS)
+        if not isinstance(renormalize, bool):
+            raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+        self.renormalize = renormalize
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
         self.top_k, self.activation, self.backend = top_k, activation, backend
         self.balance_margin = balance_margin
@@ -165,7 +172,7 @@ class MixtureLayer(nn.Module):
             out, assigned = self._dense(flat, probs), probs
             self.topk_ids = self.topk_weights = None
         else:
-            weights, ids = topk_gating(logits, self.top_k, backend=self.backend)
+            weights, ids = topk_gating(logits, self.top_k, renormalize=self.renormalize, backend=self.backend)
             experts = (self.expert_weight, self.expert_bias)
             out = grouped_linear(flat, *experts, weights, ids, activation=self.activation, backend=self.backend)
             assigned = torch.zeros_like(probs).scatter(1, ids.long(), weights.to(probs.dtype))
@@ -187,6 +194,7 @@ class MixtureLayer(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
             f"top_k={self.top_k}, activation={self.activation!r}, balance_margin={self.balance_margin}"
+            + ("" if self.renormalize else ", renormalize=False")
         )
 
 
@@ -212,8 +220,8 @@ class DeepMoE(nn.Module):
         in_features: input width (inputs are flattened from dim 1).
         layers: ``[(num_experts, out_features), ...]``, one pair per mixture layer (at least one).
         num_classes: outputs of the classifier.
-        gate_hidden, top_k, balance_margin, activation, backend: of every ``MixtureLayer`` (``top_k`` must be in
-            ``[1, E]`` of every layer).
+        gate_hidden, top_k, balance_margin, activation, backend, renormalize: of every ``MixtureLayer``
+            (``top_k`` must be in ``[1, E]`` of every layer).
 
     ``model.gate_probs`` is the list of every layer's last ``[B, E]`` gate distribution; ``model.balance_margin``
     reads the layers' margin and sets all of them (``model.balance_margin = None``: the paper's fine-tuning
@@ -237,6 +245,7 @@ class DeepMoE(nn.Module):
         *,
         activation: str = "relu",
         backend: str = "auto",
+        renormalize: bool = True,
     ) -> None:
         super().__init__()
         _checks.integer("in_features", in_features, low=1)
@@ -249,7 +258,17 @@ class DeepMoE(nn.Module):
                 raise ValueError(f"top_k must be in [1, E] for every layer; a layer has E={fewest}, got top_k={top_k}")
         widths = [in_features] + [out for _, out in spec]
         self.layers = nn.ModuleList(
-            MixtureLayer(widths[i], out, experts, gate_hidden, top_k, activation, balance_margin, backend=backend)
+            MixtureLayer(
+                widths[i],
+                out,
+                experts,
+                gate_hidden,
+                top_k,
+                activation,
+                balance_margin,
+                backend=backend,
+                renormalize=renormalize,
+            )
             for i, (experts, out) in enumerate(spec)
         )
         self.classifier = nn.Linear(widths[-1], num_classes)
