@@ -251,7 +251,7 @@ def _statistics_backward(x, class_counts, names, out, grad_out):
     x = x.to(reference.compute_dtype(x))
     E = len(class_counts)
     seg = reference.segment_ids(class_counts, x.device)
-    n = torch.tensor(class_counts, dtype=x.dtype, device=x.device)
+    n = reference.class_count_tensor(class_counts, x.device).to(x.dtype)
     spread = lambda v: v.index_select(1, seg)  # [B, E] -> [B, N]
     seg_sum = lambda v: reference.segment_sum(v, seg, E)
     seg_max = lambda v: reference.segment_reduce(v, seg, E, "amax")

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from netmerge_fast import _checks, packed_experts, reference
+from netmerge_fast import _checks, _torch_grouped, packed_experts, reference
 from netmerge_fast._backends import native_status, resolve
 from netmerge_fast.packed_experts import PackedExperts
 
@@ -118,7 +118,8 @@ def moe_experts(
 
     Determinism: slots are grouped by expert in increasing slot order and every output row sums its k
     contributions in slot order in float32, without atomics: the same input gives bit-identical output on the
-    same backend and machine. The intermediate activation is rounded to hidden's dtype, as in nn.Linear.
+    same backend and machine. The intermediate activation is rounded to hidden's dtype, as in nn.Linear (on the
+    triton backend each slot's weighted output too, before the float32 sum).
 
     Gradients flow to hidden, both weights, both biases and topk_weights on every backend (one backward, built
     from each backend's grouped GEMMs), in the layout the weights were given in. Errors name the argument:
@@ -165,7 +166,11 @@ def run_validated(
         )  # fmt: skip
     chosen = resolve("moe_experts", backend, hidden.device, hidden.dtype)
     if chosen == "torch":
-        return reference.moe_experts(
+        # On a GPU the reference's loop over experts would sync E times: torch's grouped GEMM instead.
+        grouped = hidden.device.type == "cuda" and _torch_grouped.supports(
+            hidden, *_linear_layout(w_gate_up, w_down, transposed)
+        )
+        return (_torch_grouped.moe_experts if grouped else reference.moe_experts)(
             hidden,
             w_gate_up,
             w_down,

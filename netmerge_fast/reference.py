@@ -6,6 +6,8 @@ Arguments are assumed valid (the public API validates them); semantics are docum
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = [
@@ -324,9 +326,35 @@ def pack_logits(logits: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, 
     return torch.cat(list(logits), dim=1) if isinstance(logits, list | tuple) else logits
 
 
+def _per_layout(fn):
+    """Memoises a function of (class_counts, ..., device) that builds index tensors: a host-to-device copy in
+    every forward and backward would block the host, and is illegal while a CUDA graph is being captured (warm
+    up before capturing). Built outside inference mode, so that autograd may save them later."""
+
+    @functools.lru_cache(maxsize=256)
+    def cached(class_counts: tuple[int, ...], *args):
+        with torch.inference_mode(False):
+            return fn(list(class_counts), *args)
+
+    @functools.wraps(fn)
+    def wrapper(class_counts, *args):
+        if torch.compiler.is_compiling():  # a compiled graph holds them as constants
+            return fn(list(class_counts), *args)
+        return cached(tuple(class_counts), *args)
+
+    return wrapper
+
+
+@_per_layout
+def class_count_tensor(class_counts: list[int], device: torch.device) -> torch.Tensor:
+    """int64 [E]: the class counts on ``device`` (made once per layout and device)."""
+    return torch.tensor(class_counts, dtype=torch.int64, device=device)
+
+
+@_per_layout
 def segment_ids(class_counts: list[int], device: torch.device) -> torch.Tensor:
     """int64 [sum C_i]: the expert that owns each column of the packed logits."""
-    counts = torch.tensor(class_counts, dtype=torch.int64, device=device)
+    counts = class_count_tensor(class_counts, device)
     # output_size keeps the size static under torch.compile
     return torch.repeat_interleave(
         torch.arange(len(class_counts), device=device), counts, output_size=sum(class_counts)
@@ -354,11 +382,12 @@ def segment_order(x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     return by_value.gather(1, by_expert)
 
 
+@_per_layout
 def quantile_positions(class_counts: list[int], quarters: int, device: torch.device):
     """Sorted positions (in the packed row) of the order statistics around q = quarters / 4 of every expert,
     and the interpolation weight: (lower [E] int64, upper [E] int64, weight [E] float32). As torch.quantile:
     position q * (C - 1), linear interpolation between its floor and ceil (computed in integers, exactly)."""
-    counts = torch.tensor(class_counts, dtype=torch.int64, device=device)
+    counts = class_count_tensor(class_counts, device)
     offsets = torch.cumsum(counts, 0) - counts
     scaled = quarters * (counts - 1)
     lower = offsets + scaled // 4
@@ -379,7 +408,7 @@ def _statistics(x: torch.Tensor, class_counts: list[int], names: tuple[str, ...]
     """[B, E, len(names)] statistics of the packed logits ``x`` (already in the compute dtype)."""
     E = len(class_counts)
     seg = segment_ids(class_counts, x.device)
-    n = torch.tensor(class_counts, dtype=x.dtype, device=x.device)
+    n = class_count_tensor(class_counts, x.device).to(x.dtype)
     spread = lambda v: v.index_select(1, seg)  # [B, E] -> [B, N]
 
     hi = segment_reduce(x, seg, E, "amax")

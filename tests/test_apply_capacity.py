@@ -198,6 +198,9 @@ def test_repeatable(backend, gen):
     first = nf.apply_capacity(ids.to(device), weights.to(device), 16, 100, "score", backend)
     second = nf.apply_capacity(ids.to(device), weights.to(device), 16, 100, "score", backend)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    # and right: the per-slot loop's answer
+    for got, want in zip(first, _per_slot_loop(ids, weights, 16, 100, "score")[:2], strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
 def test_expert_capacity_is_switchs_formula():

@@ -6,7 +6,7 @@
 //          every pass is lane-wise across rows (no horizontal reductions, no tails); quartiles by a lane-wise
 //          sorting network.
 //   rows   long segments, or too few rows to fill the lanes: one (row, expert) at a time, elements across lanes
-//          with four accumulators, then merged; quartiles by bisection on integer keys.
+//          with four accumulators, then merged; quartiles by radix select on integer keys.
 // Either way a row's logits are read from memory once; the later passes hit the cache.
 #pragma once
 
@@ -313,20 +313,17 @@ class Engine {
     for (int64_t i = 0; i < S; ++i) out[i * R] = K::finish_statistic<K::ScalarMath>(stats_[i], sum);
   }
 
-  // Order statistics by bisection on keys; the counting loops are plain integer code that compilers vectorise.
+  // Order statistics by radix select on keys (kernels/logit_statistics.h, as the CUDA kernel's long segments).
   void quartiles(const float* x, int64_t n, RowSummary& sum) {
     keys_.resize(n);
     int32_t* keys = keys_.data();
     for (int64_t j = 0; j < n; ++j) keys[j] = K::ordered_key(x[j]);
-    const auto count_below = [keys, n](int32_t t) {
-      int32_t count = 0;
-      for (int64_t j = 0; j < n; ++j) count += keys[j] < t;
-      return static_cast<int64_t>(count);
-    };
+    candidates_.resize(n);
+    int64_t histogram[K::kRadixBins];
     for (int32_t q = 1; q <= 3; ++q) {
       if (!needs_.quartile[q]) continue;
       const K::QuantileRank rank = K::quantile_rank(q, n);
-      const int32_t lower = K::select_key(rank.lower, count_below);
+      const int32_t lower = K::radix_select(keys, n, rank.lower, histogram, candidates_.data());
       int32_t upper = lower;
       if (rank.weight > 0.f) {
         int32_t not_above = 0, smallest_above = INT32_MAX;
@@ -344,7 +341,7 @@ class Engine {
   const std::vector<int32_t>& stats_;
   const K::Needs needs_;
   std::vector<float> lanes_, row_major_, sorted_;
-  std::vector<int32_t> keys_;
+  std::vector<int32_t> keys_, candidates_;
 };
 
 // Calls fn(scalar_t{}) for the logits dtypes the engine serves.

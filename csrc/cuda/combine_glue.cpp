@@ -35,7 +35,6 @@ std::vector<SegmentTable> tables_of(const SegmentLayout& layout) {
   std::vector<SegmentTable> tables;
   for (int64_t first = 0; first < E; first += kTableSize) {
     SegmentTable table{};
-    table.first_expert = static_cast<int32_t>(first);
     table.size = static_cast<int32_t>(std::min<int64_t>(kTableSize, E - first));
     for (int32_t i = 0; i < table.size; ++i) {
       const Segment& s = segments[first + i];
@@ -44,6 +43,7 @@ std::vector<SegmentTable> tables_of(const SegmentLayout& layout) {
       table.row_stride[i] = s.row_stride;
       table.column[i] = s.column;
       table.count[i] = static_cast<int32_t>(s.count);
+      table.expert[i] = static_cast<int32_t>(first + i);
       table.max_count = std::max(table.max_count, table.count[i]);
     }
     tables.push_back(table);

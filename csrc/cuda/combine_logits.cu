@@ -52,9 +52,9 @@ __global__ void assemble_kernel(SegmentTable table, int64_t rows, int32_t expert
     if (kind == K::kRatio || kind == K::kOverallRatio) {
       // IEEE division (not the fast-math approximation, nor a multiplication by the inverse): the same rounding
       // as the other backends.
-      const float divisor = kind == K::kRatio ? stats[(b * experts + table.first_expert + e) * slots] : row_value[b];
+      const float divisor = kind == K::kRatio ? stats[(b * experts + table.expert[e]) * slots] : row_value[b];
       for (int64_t j = lane; j < n; j += lanes) dst[j] = from_float<T>(__fdiv_rn(load_float(x + j), divisor));
-    } else if (w < 0 || w == table.first_expert + e) {
+    } else if (w < 0 || w == table.expert[e]) {
       for (int64_t j = lane; j < n; j += lanes) dst[j] = x[j];
     } else {
       const T fill = from_float<T>(row_value[b]);  // the winner's minimum: exact in T

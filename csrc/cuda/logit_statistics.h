@@ -14,7 +14,7 @@ enum class ElementType : int32_t { kFloat32, kFloat16, kBFloat16 };
 
 // Up to kTableSize experts per launch, passed by value as a kernel parameter: no device-side table to allocate
 // or copy (so launches are CUDA-graph safe); more experts take several launches. Sized to keep every kernel's
-// parameters under the 4 KB limit of sm_80.
+// parameters under the 4 KB limit of sm_80 (a table is 3,080 bytes).
 constexpr int32_t kTableSize = 96;
 
 struct SegmentTable {
@@ -22,7 +22,7 @@ struct SegmentTable {
   int64_t row_stride[kTableSize];  // elements
   int64_t column[kTableSize];      // first column in the packed output row
   int32_t count[kTableSize];       // classes
-  int32_t first_expert;            // index of base[0] among all experts
+  int32_t expert[kTableSize];      // index among all experts
   int32_t size;                    // experts in this table
   int32_t max_count;
 };
@@ -36,8 +36,8 @@ struct StatisticList {
   int32_t first_slot;  // where code[0] goes in the output's last dimension
 };
 
-// out[b][first_expert + e][first_slot + s] (row stride experts * slots, expert stride slots) for the table's
-// experts and every row b < rows.
+// out[b][expert[e]][first_slot + s] (row stride experts * slots, expert stride slots) for the table's experts and
+// every row b < rows.
 cudaError_t launch_segment_statistics(ElementType type, const SegmentTable& table, int64_t rows,
                                       const StatisticList& stats, int32_t slots, int32_t experts, float* out,
                                       cudaStream_t stream);

@@ -5,7 +5,8 @@
 //                                                                   segment holds a NaN)
 //   pass 2  Deviations     sum of squared deviations from the mean (var, std)
 //           SoftmaxSums    softmax normaliser and entropy sum      (entropy, max_prob, logsumexp)
-//   select  order statistics for the quartiles (bisection on order-preserving integer keys, or a sort)
+//   select  order statistics for the quartiles (radix select or bisection on order-preserving integer keys, or a
+//           sort)
 //   finish  finish_statistic: the documented rules for constant segments, infinities and NaN
 //
 // The arithmetic is generic over a "math" policy: ScalarMath (one float: CUDA threads, CPU rows) here, and a SIMD
@@ -261,6 +262,57 @@ HOST_DEVICE int32_t select_key(int64_t rank, CountBelow count_below) {
     if (count_below(static_cast<int32_t>(candidate ^ 0x80000000u)) <= rank) found = candidate;
   }
   return static_cast<int32_t>(found ^ 0x80000000u);
+}
+
+// Radix select: the rank-th smallest key in four passes of 8-bit digits, from the top. Pass p histograms digit p
+// of the keys that agree with the digits found so far; the bin holding the rank-th of them is digit p of the
+// answer, and the rank continues inside that bin. Keys go as offset binary (unsigned order == key order).
+constexpr int kRadixBins = 256;
+constexpr int kRadixPasses = 4;
+
+HOST_DEVICE inline uint32_t radix_bits(int32_t key) { return static_cast<uint32_t>(key) ^ 0x80000000u; }
+HOST_DEVICE inline int32_t radix_key(uint32_t bits) { return static_cast<int32_t>(bits ^ 0x80000000u); }
+HOST_DEVICE inline int radix_digit(uint32_t bits, int pass) { return (bits >> (24 - 8 * pass)) & 0xFF; }
+// Whether `bits` has the digits of passes before `pass` that `prefix` holds.
+HOST_DEVICE inline bool radix_candidate(uint32_t bits, uint32_t prefix, int pass) {
+  return pass == 0 || (bits >> (32 - 8 * pass)) == (prefix >> (32 - 8 * pass));
+}
+// Which of `bins` bins holds the rank-th candidate; `rank` becomes the rank within that bin. The rank is below
+// the bins' total.
+template <typename Count>
+HOST_DEVICE int radix_bin(const Count* histogram, int bins, int64_t* rank) {
+  int64_t below = 0;
+  for (int d = 0; d < bins - 1; ++d) {
+    if (below + static_cast<int64_t>(histogram[d]) > *rank) {
+      *rank -= below;
+      return d;
+    }
+    below += static_cast<int64_t>(histogram[d]);
+  }
+  *rank -= below;
+  return bins - 1;
+}
+
+// The rank-th smallest of n keys, one thread (the CPU rows): after each pass only the candidates are kept (in
+// `scratch`, n keys), so the passes after the first touch a few keys. `histogram` is scratch of kRadixBins.
+template <typename Count>
+inline int32_t radix_select(const int32_t* keys, int64_t n, int64_t rank, Count* histogram, int32_t* scratch) {
+  uint32_t prefix = 0;
+  const int32_t* candidates = keys;
+  for (int pass = 0; pass < kRadixPasses; ++pass) {
+    for (int d = 0; d < kRadixBins; ++d) histogram[d] = 0;
+    for (int64_t j = 0; j < n; ++j) ++histogram[radix_digit(radix_bits(candidates[j]), pass)];
+    const int digit = radix_bin(histogram, kRadixBins, &rank);
+    prefix |= static_cast<uint32_t>(digit) << (24 - 8 * pass);
+    int64_t kept = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      scratch[kept] = candidates[j];
+      kept += radix_digit(radix_bits(candidates[j]), pass) == digit;
+    }
+    candidates = scratch;
+    n = kept;
+  }
+  return radix_key(prefix);
 }
 
 // The (rank + 1)-th smallest, given the rank-th `key`, #(keys <= key) and the smallest key above it.

@@ -82,6 +82,24 @@ def hf_block(shape: Shape):
     return block, config, ours, rename
 
 
+def loaded_pair(shape: Shape, device, dtype: torch.dtype):
+    """(HF block, its config, SparseMoE) on device in dtype, the block's random weights loaded into ours."""
+    torch.manual_seed(0)
+    block, config, ours, rename = hf_block(shape)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+        block.to(device=device, dtype=dtype)
+        state = {}
+        for key, value in block.state_dict().items():
+            for old, new in rename.items():
+                key = key.replace(old, new)
+            state[key] = value
+        ours.load_state_dict(state)
+        ours.to(device=device, dtype=dtype)
+    return block, config, ours
+
+
 def run(
     *,
     device: str = "cpu",
@@ -101,19 +119,7 @@ def run(
     generator = torch.Generator().manual_seed(0)
     rows = []
     for shape in shapes:
-        torch.manual_seed(0)
-        block, config, ours, rename = hf_block(shape)
-        with torch.no_grad():
-            for p in block.parameters():
-                p.normal_(0, 0.02)
-            block.to(device=device, dtype=dtype)
-            state = {}
-            for key, value in block.state_dict().items():
-                for old, new in rename.items():
-                    key = key.replace(old, new)
-                state[key] = value
-            ours.load_state_dict(state)
-            ours.to(device=device, dtype=dtype)
+        block, config, ours = loaded_pair(shape, device, dtype)
 
         def hf(x, implementation, block=block, config=config):
             config._experts_implementation = implementation
