@@ -6,7 +6,8 @@ The extension is built against the torch that is already installed, so install w
 Environment knobs:
   NETMERGE_SKIP_EXTENSION=1   install the pure-Python package only (torch backend)
   NETMERGE_WITH_CUDA=0|1      force the CUDA sources off/on (default: on when torch has CUDA and nvcc is found)
-  NETMERGE_CPU_ARCH=...       value for -march (default "native"; e.g. "x86-64-v3" for a portable build)
+  NETMERGE_CPU_ISAS=...       instruction sets compiled besides the baseline, chosen at run time by CPUID
+                              (default "avx2;avx512"; "" for a quicker baseline-only build)
   NETMERGE_BUILD_TYPE=...     CMake build type (default Release)
 """
 
@@ -58,7 +59,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DNETMERGE_OUTPUT_DIR={out_dir}",
             f"-DNETMERGE_WITH_CUDA={'ON' if _want_cuda() else 'OFF'}",
-            f"-DNETMERGE_CPU_ARCH={os.environ.get('NETMERGE_CPU_ARCH', 'native')}",
+            f"-DNETMERGE_CPU_ISAS={os.environ.get('NETMERGE_CPU_ISAS', 'avx2;avx512')}",
         ]
         subprocess.run(config, check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)

@@ -23,7 +23,7 @@ from netmerge_fast.bench.dispatch import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = ("ours", "reference", "hf_eager", "hf_grouped_mm", "torch_grouped_mm")
+IMPLS = ("ours", "ours_int8", "unpacked", "reference", "hf_eager", "hf_grouped_mm", "torch_grouped_mm")
 _weights: dict = {}
 
 
@@ -41,7 +41,12 @@ def weights(shape, dtype):
 
 
 def implementation(name, shape, w_gate_up, w_down):
-    if name == "ours":
+    if name in ("ours", "ours_int8") and DEVICE == "cpu":  # CPU inference runs on weights packed once
+        packed = nf.pack_experts(w_gate_up, w_down, quantize="int8" if name == "ours_int8" else None)
+        return lambda h, w, i: nf.moe_experts(h, packed, None, w, i)
+    if name == "ours_int8":
+        pytest.skip("int8 experts run on CPU")
+    if name in ("ours", "unpacked"):
         return lambda h, w, i: nf.moe_experts(h, w_gate_up, w_down, w, i)
     if name == "reference":
         return lambda h, w, i: reference.moe_experts(h, w_gate_up, w_down, w, i)

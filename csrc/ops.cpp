@@ -3,7 +3,23 @@
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
+#include "cpu/isa.h"
 #include "ops.h"
+
+namespace {
+
+namespace cpu = netmerge::cpu;
+
+// The build of a CPU kernel for the active instruction set; levels that were not built fall back to the one below.
+#if defined(NETMERGE_BUILT_avx512)
+#define NETMERGE_CPU(name) &cpu::IsaDispatch<&cpu::baseline::name, &cpu::avx2::name, &cpu::avx512::name>::call
+#elif defined(NETMERGE_BUILT_avx2)
+#define NETMERGE_CPU(name) &cpu::IsaDispatch<&cpu::baseline::name, &cpu::avx2::name, &cpu::avx2::name>::call
+#else
+#define NETMERGE_CPU(name) &cpu::baseline::name
+#endif
+
+}  // namespace
 
 TORCH_LIBRARY(netmerge, m) {
   m.def(
@@ -17,6 +33,11 @@ TORCH_LIBRARY(netmerge, m) {
       "str activation, bool gated, Tensor? b_gate_up, Tensor? b_down, bool apply_weights_on_input, "
       "bool save_gate_up, bool gate_up_interleaved=False) -> "
       "(Tensor out, Tensor sorted_token_ids, Tensor expert_offsets, Tensor gate_up)");
+  // Expert weights packed by netmerge_fast.pack_experts (the layout is in the shapes and dtypes; see dispatch.py).
+  m.def(
+      "moe_experts_packed(Tensor hidden, Tensor gate_up, Tensor down, Tensor? gate_up_scales, Tensor? down_scales, "
+      "int intermediate, int group_size, Tensor topk_weights, Tensor topk_ids, str activation, bool gated, "
+      "Tensor? b_gate_up, Tensor? b_down, bool apply_weights_on_input) -> Tensor");
   m.def(
       "apply_capacity(Tensor topk_ids, Tensor? priority, int num_experts, int capacity, str order, "
       "int group_size) -> (Tensor ids, Tensor dropped)");
@@ -30,14 +51,15 @@ TORCH_LIBRARY(netmerge, m) {
 }
 
 TORCH_LIBRARY_IMPL(netmerge, CPU, m) {
-  m.impl("topk_gating", &netmerge::cpu::topk_gating);
-  m.impl("moe_align", &netmerge::cpu::moe_align);
-  m.impl("moe_experts", &netmerge::cpu::moe_experts);
-  m.impl("apply_capacity", &netmerge::cpu::apply_capacity);
-  m.impl("grouped_mm", &netmerge::cpu::grouped_mm);
-  m.impl("grouped_mm_weight_grad", &netmerge::cpu::grouped_mm_weight_grad);
-  m.impl("logit_statistics", &netmerge::cpu::logit_statistics);
-  m.impl("combine_logits", &netmerge::cpu::combine_logits);
+  m.impl("topk_gating", NETMERGE_CPU(topk_gating));
+  m.impl("moe_align", &cpu::moe_align);
+  m.impl("moe_experts", NETMERGE_CPU(moe_experts));
+  m.impl("moe_experts_packed", NETMERGE_CPU(moe_experts_packed));
+  m.impl("apply_capacity", &cpu::apply_capacity);
+  m.impl("grouped_mm", NETMERGE_CPU(grouped_mm));
+  m.impl("grouped_mm_weight_grad", NETMERGE_CPU(grouped_mm_weight_grad));
+  m.impl("logit_statistics", NETMERGE_CPU(logit_statistics));
+  m.impl("combine_logits", NETMERGE_CPU(combine_logits));
 }
 
 #ifdef NETMERGE_WITH_CUDA
@@ -47,9 +69,17 @@ TORCH_LIBRARY_IMPL(netmerge, CUDA, m) {
 }
 #endif
 
-// Importing the module runs the registrations above; it exposes nothing itself.
+// Importing the module runs the registrations above. It exposes the CPU kernels' instruction set (for
+// netmerge_fast._backends and the tests) and the register-only FMA rate (for the benchmarks).
 PYBIND11_MODULE(_C, m) {
   m.doc() = "netmerge_fast native ops, reached through torch.ops.netmerge";
+  m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
+  m.def("detected_cpu_isa", [] { return std::string(cpu::isa_name(cpu::detected_isa())); });
+  m.def("set_cpu_isa", &cpu::set_cpu_isa, "Cap the CPU kernels' instruction set: auto, baseline, avx2, avx512, "
+        "avx512_bf16 (no higher than detected_cpu_isa())");
+  m.def("fma_peak", NETMERGE_CPU(fma_peak), pybind11::arg("seconds") = 0.2,
+        "FLOP/s of register-only float32 FMA chains on every thread (the machine's arithmetic peak)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 #ifdef NETMERGE_WITH_CUDA
   m.attr("cuda_built") = true;  // the CUDA dispatch key has kernels (netmerge_fast._backends reads this)
 #else

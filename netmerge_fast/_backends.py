@@ -13,7 +13,7 @@ from functools import cache
 
 import torch
 
-__all__ = ["BackendStatus", "backends", "native_status", "resolve"]
+__all__ = ["BackendStatus", "backends", "cpu_isa", "cpu_isas", "native_status", "resolve", "set_cpu_isa"]
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,6 +41,8 @@ _OPS: dict[str, tuple[_Impl, ...]] = {
     "apply_capacity": (_Impl("triton", None), _Impl("cpu", None), _Impl("torch", None)),
     # float64 on cpu: gradcheck of the fused path.
     "moe_experts": (_Impl("triton"), _Impl("cpu", (*FUSED_DTYPES, torch.float64)), _Impl("torch", None)),
+    # Weights packed by pack_experts; the torch backend unpacks them (the oracle, and any device).
+    "moe_experts_packed": (_Impl("cpu"), _Impl("torch", None)),
     "grouped_linear": (_Impl("triton"), _Impl("cpu", (*FUSED_DTYPES, torch.float64)), _Impl("torch", None)),
     "logit_statistics": (_Impl("cuda"), _Impl("cpu"), _Impl("torch", None)),
     "combine_logits": (_Impl("cuda"), _Impl("cpu"), _Impl("torch", None)),
@@ -93,12 +95,40 @@ def _cuda() -> BackendStatus:
     return BackendStatus(True, f"CUDA kernels in netmerge_fast._C on {torch.cuda.get_device_name()}")
 
 
+# The CPU kernels' instruction sets, lowest first: each one's build is compiled into netmerge_fast._C and the best
+# one this CPU supports is chosen at load (NETMERGE_CPU_ISA=<name> caps it).
+CPU_ISAS = ("baseline", "avx2", "avx512", "avx512_bf16")
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run with now (one of ``CPU_ISAS``; "" without the extension)."""
+    return importlib.import_module("netmerge_fast._C").cpu_isa() if native_status().available else ""
+
+
+def cpu_isas() -> list[str]:
+    """The instruction sets this machine can run the CPU kernels with, lowest first."""
+    if not native_status().available:
+        return []
+    best = importlib.import_module("netmerge_fast._C").detected_cpu_isa()
+    return list(CPU_ISAS[: CPU_ISAS.index(best) + 1])
+
+
+def set_cpu_isa(name: str) -> None:
+    """Run the CPU kernels with instruction set ``name`` ("auto" or one of ``cpu_isas()``) from now on: for tests
+    and diagnostics (the baseline build is what runs on a CPU without AVX2)."""
+    if name != "auto" and name not in cpu_isas():
+        raise ValueError(f"name must be 'auto' or one of {cpu_isas()} on this machine, got {name!r}")
+    importlib.import_module("netmerge_fast._C").set_cpu_isa(name)
+
+
 def backends() -> dict[str, BackendStatus]:
     """What each backend needs and whether this machine has it, e.g. ``backends()["cpu"].available``."""
+    native = native_status()
+    cpu = BackendStatus(True, f"{native.reason} (CPU kernels: {cpu_isa()})") if native.available else native
     return {
         "triton": _triton(),
         "cuda": _cuda(),
-        "cpu": native_status(),
+        "cpu": cpu,
         "torch": BackendStatus(True, "plain PyTorch (netmerge_fast.reference), always available"),
     }
 

@@ -1,7 +1,8 @@
 """``netmerge-fast``: the command line (also ``python -m netmerge_fast.cli``).
 
-netmerge-fast bench                 the default suite (every suite below), CPU
-netmerge-fast bench topk            one suite (topk, combine)
+netmerge-fast bench                 a representative quick run (topk, dispatch, layer: a few cases each, ~2 min)
+netmerge-fast bench --full          every case of those suites (tens of minutes on 2 cores)
+netmerge-fast bench topk            one suite (topk, dispatch, layer, combine, hf), its representative cases
 netmerge-fast bench topk --json out.json --quick
 netmerge-fast bench dispatch layer --dtype bfloat16 --plot out.png
 netmerge-fast bench hf              whole Hugging Face MoE models with integrations.hf.enable (not in the default)
@@ -37,6 +38,7 @@ SUITES = {
 }
 # combine is left out of the default: its reference and per-row baselines take minutes.
 DEFAULT_SUITES = ("topk", "dispatch", "layer")
+# Without --full or --quick a suite runs its DEFAULT cases (all of them if it has none).
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -49,15 +51,23 @@ def _bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)}", file=sys.stderr)
         return 2
-    print(f"# netmerge-fast bench on {machine_info(device)}", flush=True)
-    results = {}
+    mode = "full" if args.full else "quick" if args.quick else "default"
+    print(f"# netmerge-fast bench ({mode} cases) on {machine_info(device)}", flush=True)
+    plans = []
     for name in names:
         suite = importlib.import_module(SUITES[name])
         kwargs = {"device": device, "dtype": _DTYPES[args.dtype], "compile": not args.no_compile}
-        if args.quick:
-            kwargs.update(getattr(suite, "QUICK", {}))
-        rows = suite.run(progress=(lambda m: print(f"  ... {m}", file=sys.stderr, flush=True)), **kwargs)
-        results[name] = rows
+        if mode != "full":
+            kwargs.update(getattr(suite, "QUICK" if mode == "quick" else "DEFAULT", {}))
+        plans.append((name, suite, kwargs))
+    results = {}
+    # Suites without a cases() count leave the bar without a total.
+    counts = [suite.cases(**kwargs) if hasattr(suite, "cases") else None for _, suite, kwargs in plans]
+    with _Progress(None if None in counts else sum(counts)) as progress:
+        for name, suite, kwargs in plans:
+            results[name] = suite.run(progress=progress, **kwargs)
+    for name, suite, _ in plans:
+        rows = results[name]
         print(f"\n## {name}\n")
         print(format_table(rows, [c for c in suite.COLUMNS if any(c in r for r in rows)]), flush=True)
     if args.json:
@@ -69,6 +79,34 @@ def _bench(args: argparse.Namespace) -> int:
         plot(results, args.plot, title=f"netmerge-fast bench ({args.dtype}, {device})")
         print(f"wrote {args.plot}")
     return 0
+
+
+class _Progress:
+    """The suites' progress callback: a tqdm bar on a terminal (refreshed at most twice a second), one line per
+    case otherwise, so that a log is not flooded; on stderr, apart from the tables."""
+
+    def __init__(self, total: int | None) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="case", mininterval=0.5, file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, message: str) -> None:
+        if self.bar is None:
+            print(f"  ... {message}", file=sys.stderr, flush=True)
+            return
+        if self.bar.n or self.bar.postfix:  # a case is done when the next one starts
+            self.bar.update()
+        self.bar.set_postfix_str(message, refresh=False)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.update(self.bar.total - self.bar.n if self.bar.total else 1)
+            self.bar.close()
 
 
 def _backends(_args: argparse.Namespace) -> int:
@@ -157,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("suites", nargs="*", help=f"suites to run (default: {' '.join(DEFAULT_SUITES)})")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     bench.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    bench.add_argument("--quick", action="store_true", help="fewer, smaller cases (seconds, for smoke tests)")
+    sizes = bench.add_mutually_exclusive_group()
+    sizes.add_argument("--full", action="store_true", help="every case of the suites (tens of minutes on 2 cores)")
+    sizes.add_argument("--quick", action="store_true", help="fewer, smaller cases (seconds, for smoke tests)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--plot", metavar="PATH", help="also draw the speed-ups as a PNG (needs matplotlib)")

@@ -8,8 +8,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from netmerge_fast import _checks, _torch_grouped, reference
+from netmerge_fast import _checks, _torch_grouped, packed_experts, reference
 from netmerge_fast._backends import native_status, resolve
+from netmerge_fast.packed_experts import PackedExperts
 
 __all__ = ["ACTIVATIONS", "moe_align", "moe_experts"]
 
@@ -64,8 +65,8 @@ def moe_align(
 
 def moe_experts(
     hidden: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
+    w_gate_up: torch.Tensor | PackedExperts,
+    w_down: torch.Tensor | None,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     *,
@@ -92,6 +93,9 @@ def moe_experts(
             ``[E, H, 2I]`` with ``transposed=True``.
         w_down: ``[E, H, I]`` (``[E, I, H]`` with ``transposed=True``). Both weights in hidden's dtype and on
             its device, any strides.
+            Or ``w_gate_up`` a ``PackedExperts`` (``pack_experts``: packed once, any layout, optionally int8) and
+            ``w_down`` ``None``: inference only (``NotImplementedError`` if a gradient is needed), on the ``cpu``
+            backend (``torch`` unpacks them); ``gated`` and hidden's dtype and H must match what was packed.
         topk_weights: ``[T, k]`` float32 routing weights (float64 with float64 hidden).
         topk_ids: ``[T, k]`` integer expert ids in ``[0, E)``, or -1 for a slot routed nowhere (it contributes
             nothing, e.g. an expert on another rank).
@@ -127,6 +131,13 @@ def moe_experts(
         weights, ids = topk_gating(router_logits, 2)
         out = moe_experts(hidden, w_gate_up, w_down, weights, ids)
     """
+    if isinstance(w_gate_up, PackedExperts):
+        if transposed or gate_up_interleaved:
+            raise ValueError("transposed and gate_up_interleaved describe weight tensors: pass them to pack_experts")
+        return packed_experts.run(
+            hidden, w_gate_up, w_down, topk_weights, topk_ids, activation=activation, gated=gated,
+            b_gate_up=b_gate_up, b_down=b_down, apply_weights_on_input=apply_weights_on_input, backend=backend,
+        )  # fmt: skip
     _checks.boolean("apply_weights_on_input", apply_weights_on_input)
     _checks.boolean("transposed", transposed)
     _checks.boolean("gate_up_interleaved", gate_up_interleaved)
@@ -146,7 +157,13 @@ def run_validated(
 ):  # fmt: skip
     """``moe_experts`` after its checks. For callers that check once what stays fixed (the weights, at set-up) and
     pass ids that are valid by construction (a router's top-k), so a decode step does not pay the checks each
-    layer (integrations.hf); the native kernel still checks the id range on CPU."""
+    layer (integrations.hf); the native kernel still checks the id range on CPU. Takes ``(PackedExperts, None)``
+    for the weights too."""
+    if isinstance(w_gate_up, PackedExperts):
+        return packed_experts.run_validated(
+            hidden, w_gate_up, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, apply_weights_on_input,
+            backend,
+        )  # fmt: skip
     chosen = resolve("moe_experts", backend, hidden.device, hidden.dtype)
     if chosen == "torch":
         # On a GPU the reference's loop over experts would sync E times: torch's grouped GEMM instead.

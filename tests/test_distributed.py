@@ -171,7 +171,8 @@ def _cases(rank, world):
     assert layer(torch.randn(0, H)).shape == (0, H)
     reference, xs = _moe(11), torch.randn(world * 16, H, generator=gen)
     with torch.inference_mode():
-        assert torch.equal(layer(xs[rank * 16 : (rank + 1) * 16]), reference(xs)[rank * 16 : (rank + 1) * 16])
+        # SparseMoE infers on packed CPU weights, whose sums round differently from moe_experts on the tensors.
+        torch.testing.assert_close(layer(xs[rank * 16 : (rank + 1) * 16]), reference(xs)[rank * 16 : (rank + 1) * 16])
     done.append("empty and inference")
 
     # Checkpoints: a full state dict sharded onto the ranks gives the full model's output, and gathers back.

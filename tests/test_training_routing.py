@@ -278,7 +278,9 @@ def test_replay_reproduces_the_recorded_routing(backend, gen):
         by_argument = moe(xs[1], replay_ids=calls[1])
         with moe.replay(calls[1]):
             by_context = [moe(xs[1]), moe(xs[1])]
-    torch.testing.assert_close(by_argument, replayed[1], rtol=0, atol=0)
+    assert torch.equal(moe.topk_ids, calls[1])
+    # No gradient: the CPU experts run on packed weights, whose sums round differently from the training path's.
+    torch.testing.assert_close(by_argument, replayed[1])
     assert all(torch.equal(c, by_argument) for c in by_context), "one tensor replays every call"
 
 

@@ -12,7 +12,7 @@
 #include "cpu/segment_statistics.h"
 #include "ops.h"
 
-namespace netmerge::cpu {
+namespace netmerge::cpu::NETMERGE_ISA {
 namespace {
 
 using namespace segments;
@@ -158,4 +158,4 @@ std::tuple<at::Tensor, at::Tensor> combine_logits(at::TensorList logits, at::Int
   return {combined, winner};
 }
 
-}  // namespace netmerge::cpu
+}  // namespace netmerge::cpu::NETMERGE_ISA

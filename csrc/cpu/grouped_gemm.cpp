@@ -12,10 +12,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/avx512_bf16.h"
+#include "cpu/isa.h"
 #include "cpu/stream_gemm_kmajor.h"
 #include "ops.h"
 
-namespace netmerge::cpu {
+namespace netmerge::cpu::NETMERGE_ISA {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -27,17 +29,20 @@ constexpr int64_t kMinMatmulColumns = 128;
 // Rows of an expert up to which the K-major streaming kernel (cpu/stream_gemm_kmajor.h) replaces ATen's matmul.
 constexpr int64_t kKmajorMaxRows = kmajor::kMaxRows;
 
+// Whether this build may call the vdpbf16ps kernels now (cpu/avx512_bf16.h).
+inline bool bf16_dot_available() {
+#if defined(NETMERGE_HAS_AVX512_BF16)
+  return active_isa() == Isa::kAvx512Bf16;
+#else
+  return false;
+#endif
+}
+
 // Rows of an expert up to which the weight-streaming kernel beats ATen's matmul (measured on Zen 4 with
 // 64..512-wide K: the matmul packs every weight panel before using it, which at few rows per expert costs as
 // much as the arithmetic; the streaming kernel reads each weight once, prefetched, and keeps it in L1 for all
 // the expert's rows).
-template <typename scalar_t>
-constexpr int64_t stream_max_rows() {
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) return 32;
-#endif
-  return 8;
-}
+int64_t stream_max_rows(at::ScalarType dtype) { return dtype == at::kBFloat16 && bf16_dot_available() ? 32 : 8; }
 
 template <typename scalar_t>
 Vec load_float(const scalar_t* p) {
@@ -54,14 +59,7 @@ Vec load_float(const scalar_t* p) {
 // itself; reducing four at once shares the shuffles.
 inline void reduce4(Vec a, Vec b, Vec c, Vec d, float* out) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-  __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-  q = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4E));
-  q = _mm512_add_ps(q, _mm512_permute_ps(q, 0xB1));
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, q);
-  out[0] = lanes[0], out[1] = lanes[4], out[2] = lanes[8], out[3] = lanes[12];
+  reduce4_avx512(a, b, c, d, out);
 #else
   const auto sum = [](Vec x, Vec y) { return x + y; };
   out[0] = at::vec::vec_reduce_all<float>(sum, a), out[1] = at::vec::vec_reduce_all<float>(sum, b);
@@ -95,44 +93,18 @@ void dot_block(const float* x, int64_t ldx, int64_t K, const scalar_t* const* w,
   }
 }
 
-#if defined(__AVX512BF16__)
-// The same for bfloat16 operands with AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs along K per instruction
-// into float lanes, twice the work of a float FMA and no conversion.
-template <int TB>
-void dot_block_bf16(const at::BFloat16* x, int64_t ldx, int64_t K, const at::BFloat16* const* w, int64_t ldw,
-                    float* res) {
-  __m512 acc[4][TB];
-  for (int r = 0; r < 4; ++r)
-    for (int j = 0; j < TB; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t h = 0; h < K; h += 32) {
-    const __mmask32 m = K - h >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << (K - h)) - 1);
-    __m512i xv[TB];
-    for (int j = 0; j < TB; ++j) xv[j] = _mm512_maskz_loadu_epi16(m, x + j * ldx + h);
-    for (int r = 0; r < 4; ++r) {
-      __builtin_prefetch(w[r] + 16 * ldw + h, 0, 1);
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w[r] + h);
-      for (int j = 0; j < TB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)xv[j], wv);
-    }
-  }
-  for (int j = 0; j < TB; ++j) reduce4(acc[0][j], acc[1][j], acc[2][j], acc[3][j], res + j * 4);
-}
-#endif
-
 template <typename scalar_t, int TB>
 void stream_block(const scalar_t* x, const float* xf, int64_t K, const scalar_t* const* w, int64_t ldw,
                   float* res) {
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) return dot_block_bf16<TB>(x, K, K, w, ldw, res);
+#if defined(NETMERGE_HAS_AVX512_BF16)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (xf == nullptr)
+      return avx512_bf16::dot_rows(reinterpret_cast<const uint16_t*>(x), K, K,
+                                   reinterpret_cast<const uint16_t* const*>(w), ldw, TB, res);
+  }
 #endif
   dot_block<scalar_t, TB>(xf, K, K, w, ldw, res);
 }
-
-template <typename scalar_t>
-constexpr bool kDotOnFloatCopy = !std::is_same_v<scalar_t, float>
-#if defined(__AVX512BF16__)
-                                 && !std::is_same_v<scalar_t, at::BFloat16>
-#endif
-    ;
 
 // Columns [c0, c1) of out[0:n] = x[0:n] @ w^T for a row-major w ([N, K], row stride ldw), x contiguous [n, K].
 // Columns outer, rows inner: a block of 4 weight rows comes from memory once and stays in L1 for every group of
@@ -143,7 +115,7 @@ void stream_gemm(const scalar_t* x, int64_t n, int64_t K, const scalar_t* w, int
   const float* xf_ptr = nullptr;
   if constexpr (std::is_same_v<scalar_t, float>) {
     xf_ptr = x;
-  } else if constexpr (kDotOnFloatCopy<scalar_t>) {
+  } else if (!std::is_same_v<scalar_t, at::BFloat16> || !bf16_dot_available()) {
     xf.resize(n * K);
     at::vec::convert(x, xf.data(), n * K);
     xf_ptr = xf.data();
@@ -285,9 +257,7 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
   // K-major weights (unit stride along N: GPT-OSS's experts, and the nn.Linear ones in the backward).
   const bool streamable_kmajor = x.scalar_type() != at::kDouble && !streamable && w.stride(1) == 1;
   const bool pack_kmajor = w.stride(2) != 1 && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
-  int64_t max_stream_rows = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stream_max_rows",
-                                  [&] { max_stream_rows = stream_max_rows<scalar_t>(); });
+  const int64_t max_stream_rows = stream_max_rows(x.scalar_type());
   const int64_t threads = at::get_num_threads();
 
   // Split each expert's columns in proportion to its rows, aiming at ~8 tasks per thread: long enough runs of
@@ -314,10 +284,10 @@ void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offse
     for (int64_t e = 0; e < E; ++e) active += offsets[e + 1] > offsets[e];
     const double weight_bytes = static_cast<double>(active) * N * K * sizeof(scalar_t);
     // float experts with many rows: pack their rows once (cpu panel kernel), before the column tasks.
+#if defined(__AVX512F__)
     std::vector<int64_t> panel_offset(E, -1);
     thread_local std::vector<float> packed;  // the caller's; worker threads read it through packed_ptr
     float* packed_ptr = nullptr;
-#if defined(__AVX512F__)
     if (std::is_same_v<scalar_t, float> && streamable) {
       int64_t size = 0;
       std::vector<int64_t> panel_experts;
@@ -413,4 +383,4 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& a, const at::Tensor& b, cons
   return out;
 }
 
-}  // namespace netmerge::cpu
+}  // namespace netmerge::cpu::NETMERGE_ISA

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 namespace netmerge::cpu {
+namespace NETMERGE_ISA {
 
 // out[s, :] = x[s, :] @ w[e]^T for every row s of expert e, i.e. rows [offsets[e], offsets[e + 1]).
 // x: [S, K] contiguous; w: [E, N, K], any strides; out: [S, N] contiguous, same dtype. offsets: E + 1 host
@@ -16,6 +17,8 @@ namespace netmerge::cpu {
 // a weight-streaming kernel that reads each weight once for all of the expert's rows; the others through
 // ATen's CPU matmul on contiguous slices.
 void grouped_gemm(const at::Tensor& x, const at::Tensor& w, const int64_t* offsets, at::Tensor& out);
+
+}  // namespace NETMERGE_ISA
 
 // Runs fn(i) for i in [0, n) on all threads, handing tasks out one at a time (tasks of uneven size balance).
 // Work below ~50 us (fewer than kParallelFlops flops and kParallelBytes bytes read from memory) runs on the

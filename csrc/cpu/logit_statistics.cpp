@@ -8,7 +8,7 @@
 #include "cpu/segment_statistics.h"
 #include "ops.h"
 
-namespace netmerge::cpu {
+namespace netmerge::cpu::NETMERGE_ISA {
 
 at::Tensor logit_statistics(at::TensorList logits, at::IntArrayRef class_counts, at::ArrayRef<std::string> stats) {
   using namespace segments;
@@ -42,4 +42,4 @@ at::Tensor logit_statistics(at::TensorList logits, at::IntArrayRef class_counts,
   return out;
 }
 
-}  // namespace netmerge::cpu
+}  // namespace netmerge::cpu::NETMERGE_ISA

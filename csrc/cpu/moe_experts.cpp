@@ -16,60 +16,17 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
-#include <c10/core/InferenceMode.h>
 
-#include <array>
 #include <vector>
 
 #include "cpu/grouped_gemm.h"
-#include "kernels/moe_activation.h"
-#include "kernels/moe_align.h"
+#include "cpu/moe_common.h"
 #include "ops.h"
 
-namespace netmerge::cpu {
+namespace netmerge::cpu::NETMERGE_ISA {
 namespace {
 
-namespace K = netmerge::kernels;
-using K::Activation;
-
-Activation parse_activation(c10::string_view name, bool gated) {
-  if (name == "silu") return Activation::kSilu;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  if (name == "relu") return Activation::kRelu;
-  TORCH_CHECK(name == "swiglu_oai", "moe_experts: unknown activation ", name);
-  TORCH_CHECK(gated, "moe_experts: swiglu_oai needs gated=True");
-  return Activation::kSwigluOai;
-}
-
-template <typename V>
-V act(Activation a, V x) {
-  using T = typename V::value_type;
-  switch (a) {
-    case Activation::kSilu:
-      return x / (V(T(1)) + x.neg().exp());
-    case Activation::kGelu:
-      return V(T(0.5)) * x * (V(T(1)) + (x * V(T(K::kSqrtHalf))).erf());
-    case Activation::kGeluTanh: {
-      const V inner = V(T(K::kSqrtTwoOverPi)) * (x + V(T(K::kGeluTanhCubic)) * x * x * x);
-      return V(T(0.5)) * x * (V(T(1)) + inner.tanh());
-    }
-    case Activation::kRelu:
-      return at::vec::maximum(x, V(T(0)));
-    default:
-      TORCH_CHECK(false, "moe_experts: swiglu_oai is gated only");
-  }
-}
-
-template <typename V>
-V gated_act(Activation a, V gate, V up) {
-  using T = typename V::value_type;
-  if (a != Activation::kSwigluOai) return act(a, gate) * up;
-  const V limit(T(K::kSwigluOaiLimit));
-  const V g = at::vec::minimum(gate, limit);
-  const V u = at::vec::clamp(up, limit.neg(), limit);
-  return (u + V(T(1))) * g / (V(T(1)) + (g * V(T(K::kSwigluOaiAlpha))).neg().exp());
-}
+using namespace moe;
 
 // Rows [r0, r1) of gate_up (+ bias, written back: the backward needs the pre-activation) -> act.
 template <typename scalar_t>
@@ -108,25 +65,6 @@ void activate_rows(scalar_t* gate_up, const scalar_t* bias, const int32_t* row_e
   }
 }
 
-// Intermediate buffers that outlive the call, one set per calling thread: a fresh multi-megabyte allocation
-// costs a page fault per 4 KB on every call, as much as the activation pass itself. Beyond kScratchBytes a
-// buffer is allocated per call instead, so one huge batch does not pin its memory for the process's lifetime.
-constexpr int64_t kScratchBytes = int64_t{256} << 20;
-
-at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
-  const int64_t need = std::max<int64_t>(rows * cols, 1);
-  if (need * static_cast<int64_t>(options.dtype().itemsize()) > kScratchBytes) return at::empty({rows, cols}, options);
-  thread_local std::array<at::Tensor, 4> cache;
-  at::Tensor& buffer = cache[slot];
-  // A buffer made under torch.inference_mode is an inference tensor, which ATen refuses to write outside it (and
-  // the reverse holds for a normal one inside it, as views): one made in the other mode is replaced.
-  const bool inference = c10::InferenceMode::is_enabled();
-  if (!buffer.defined() || buffer.numel() < need || buffer.dtype() != options.dtype() ||
-      buffer.is_inference() != inference)
-    buffer = at::empty({need}, options);
-  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
@@ -160,23 +98,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
   if (b_down) bd = b_down->to(dtype).contiguous();
 
   // 1. Permutation: sorted slot ids, each slot's row, each row's expert.
-  std::vector<int64_t> counts(E + 1), starts(E + 2), cursor(E + 1);
-  auto int32 = hidden.options().dtype(at::kInt);
-  auto sorted = at::empty({slots}, int32);
-  auto position = at::empty({slots}, int32);
-  auto offsets = at::empty({E + 1}, int32);
   const int32_t* id_ptr = ids.const_data_ptr<int32_t>();
-  for (int64_t s = 0; s < slots; ++s)
-    TORCH_CHECK(id_ptr[s] >= -1 && id_ptr[s] < E, "moe_experts: topk_ids must be in [-1, E)");
-  K::count_slots(id_ptr, slots, E, counts.data());
-  K::segment_starts(counts.data(), E, starts.data());
-  K::place_slots(id_ptr, slots, E, starts.data(), cursor.data(), sorted.data_ptr<int32_t>(),
-                 position.data_ptr<int32_t>());
-  for (int64_t e = 0; e <= E; ++e) offsets.data_ptr<int32_t>()[e] = static_cast<int32_t>(starts[e]);
-  const int64_t rows = starts[E];
-  std::vector<int32_t> row_expert(rows);
-  for (int64_t e = 0; e < E; ++e)
-    std::fill(row_expert.begin() + starts[e], row_expert.begin() + starts[e + 1], static_cast<int32_t>(e));
+  const Permutation perm = permute(id_ptr, slots, E, hidden.options());
+  const int64_t rows = perm.rows;
+  const auto& starts = perm.starts;
+  const auto& sorted = perm.sorted;
+  const auto& offsets = perm.offsets;
 
   auto out = at::empty({T, H}, hidden.options());
   // The backward needs the pre-activation of every slot (zero for slots routed nowhere); inference does not.
@@ -186,8 +113,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "moe_experts_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    using V = at::vec::Vectorized<opmath_t>;
-    constexpr int64_t L = V::size();
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
     const opmath_t* w_ptr = weights.const_data_ptr<opmath_t>();
     const int32_t* sorted_ptr = sorted.const_data_ptr<int32_t>();
@@ -214,38 +139,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
     auto hidden_act = scratch(2, rows, I, hidden.options());
     at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
       activate_rows(gate_up.data_ptr<scalar_t>(), bgu.defined() ? bgu.const_data_ptr<scalar_t>() : nullptr,
-                    row_expert.data(), r0, r1, I, gated, gate_up_interleaved, a, hidden_act.data_ptr<scalar_t>());
+                    perm.row_expert.data(), r0, r1, I, gated, gate_up_interleaved, a, hidden_act.data_ptr<scalar_t>());
     });
     auto y = scratch(3, rows, H, hidden.options());
     grouped_gemm(hidden_act, wd, starts.data(), y);
 
     // 6. Combine, slot order per token.
-    const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
-    const scalar_t* bd_ptr = bd.defined() ? bd.const_data_ptr<scalar_t>() : nullptr;
-    const int32_t* pos_ptr = position.const_data_ptr<int32_t>();
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(H * k, 1)), [&](int64_t t0, int64_t t1) {
-      std::vector<opmath_t> acc(at::divup(H, L) * L);
-      std::vector<opmath_t> row(acc.size()), bias_row(H);
-      for (int64_t t = t0; t < t1; ++t) {
-        std::fill(acc.begin(), acc.end(), opmath_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t slot = t * k + j, e = id_ptr[slot];
-          if (e < 0) continue;
-          at::vec::convert(y_ptr + static_cast<int64_t>(pos_ptr[slot]) * H, row.data(), H);
-          if (bd_ptr) {
-            at::vec::convert(bd_ptr + e * H, bias_row.data(), H);
-            for (int64_t h = 0; h < H; ++h) row[h] += bias_row[h];
-          }
-          const V w(apply_weights_on_input ? opmath_t(1) : w_ptr[slot]);
-          for (int64_t h = 0; h < H; h += L)
-            at::vec::fmadd(V::loadu(row.data() + h), w, V::loadu(acc.data() + h)).store(acc.data() + h);
-        }
-        at::vec::convert(acc.data(), out_ptr + t * H, H);
-      }
-    });
+    combine(y.const_data_ptr<scalar_t>(), bd.defined() ? bd.const_data_ptr<scalar_t>() : nullptr, id_ptr,
+            perm.position.const_data_ptr<int32_t>(), w_ptr, apply_weights_on_input, T, k, H,
+            out.data_ptr<scalar_t>());
   });
   return {out, sorted, offsets, save_gate_up ? gate_up : at::empty({0, width}, hidden.options())};
 }
 
-}  // namespace netmerge::cpu
+}  // namespace netmerge::cpu::NETMERGE_ISA

@@ -24,7 +24,7 @@
 #include "kernels/logit_statistics.h"
 #include "segment_layout.h"
 
-namespace netmerge::cpu::segments {
+namespace netmerge::cpu::NETMERGE_ISA::segments {
 
 namespace K = netmerge::kernels;
 using Vec = at::vec::Vectorized<float>;
@@ -358,4 +358,4 @@ void dispatch_logits(at::ScalarType dtype, Fn&& fn) {
 // Parallel tasks per call: enough work (~16K logits) in each to be worth waking a thread for.
 inline int64_t task_grain(int64_t logits_per_task) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, logits_per_task)); }
 
-}  // namespace netmerge::cpu::segments
+}  // namespace netmerge::cpu::NETMERGE_ISA::segments

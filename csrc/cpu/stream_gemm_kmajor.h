@@ -11,7 +11,7 @@
 #include <type_traits>
 #include <vector>
 
-namespace netmerge::cpu::kmajor {
+namespace netmerge::cpu::NETMERGE_ISA::kmajor {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t L = Vec::size();
@@ -99,4 +99,4 @@ void stream_gemm(const scalar_t* x, int64_t n, int64_t K, const scalar_t* w, int
   }
 }
 
-}  // namespace netmerge::cpu::kmajor
+}  // namespace netmerge::cpu::NETMERGE_ISA::kmajor

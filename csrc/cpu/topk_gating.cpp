@@ -18,7 +18,7 @@
 #include "kernels/topk_gating.h"
 #include "ops.h"
 
-namespace netmerge::cpu {
+namespace netmerge::cpu::NETMERGE_ISA {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -51,7 +51,6 @@ Lanes load_lanes(const int32_t* p) {
 }
 
 VecI as_int(Vec v) { return at::vec::cast<int32_t>(v); }
-Vec as_float(VecI v) { return at::vec::cast<float>(v); }
 
 VecI ordered(Vec key) {
   key = Vec::blendv(key, Vec(0.f), key == Vec(0.f));  // -0.0 ranks as +0.0
@@ -107,10 +106,12 @@ void route_block(const scalar_t* src, int64_t rows, int64_t row_stride, int64_t 
   int32_t* ord = b.ord.data();
   load_block(src, rows, row_stride, col_stride, E, x);
 
-  // Softmax statistics per row: max m and 1/denominator (0 for rows without mass).
+  // Softmax statistics per row: max m and 1/denominator (0 for rows without mass); not needed (and not computed)
+  // with the logit as key and renormalised weights, see route_row.
   Vec m(0.f), inv(0.f);
   const bool softmax_before = !c.sigmoid && !c.softmax_after_topk;
-  if (softmax_before) {
+  const bool statistics = softmax_before && (!c.key_is_logit || !c.renormalize);
+  if (statistics) {
     m = Vec(K::neg_inf());
     for (int64_t e = 0; e < E; ++e) m = at::vec::maximum(m, Vec::loadu(x + e * R));
     Vec sum(0.f);
@@ -204,6 +205,10 @@ void route_block(const scalar_t* src, int64_t rows, int64_t row_stride, int64_t 
   }
 
   // Weights, lane-wise per slot.
+  if (softmax_before && !statistics) {
+    m = Vec::loadu(b.best_x.data());  // the rows' maxima: the best keys are the largest logits
+    inv = Vec::blendv(Vec(1.f), Vec(0.f), m == Vec(K::neg_inf()));
+  }
   Vec* w = b.w.data();
   for (int64_t j = 0; j < c.k; ++j) {
     const Vec bx = Vec::loadu(b.best_x.data() + j * R);
@@ -243,91 +248,185 @@ void route_block(const scalar_t* src, int64_t rows, int64_t row_stride, int64_t 
   }
 }
 
-// Few rows (decode): a block would spend R lanes on them, so route each row on its own, experts across
-// the vector lanes, with the scalar rules of kernels/topk_gating.h (their loops vectorise).
+// One row at a time, experts across the vector lanes: decode, and the last few rows of a batch (a block would
+// spend R lanes on them; routing E > 4R experts this way at every T measured slower on Zen 3 than route_block,
+// whose k passes are over registers). The k best are found by a threshold:
+// t = the k-th largest of M * R chunk maxima (lane-wise maxima over interleaved vectors, M * R >= k) bounds the
+// k-th best key from below, so the candidates {key >= t} (typically k plus a few) hold the answer; only they are
+// ranked (key, then lower index: kernels/topk_gating.h) and sorted. exp runs only where a result needs it: the
+// softmax statistics when a weight or key uses the full softmax, otherwise just the k chosen logits.
 struct RowScratch {
   explicit RowScratch(const Config& c)
-      : padded(at::divup(c.E, R) * R), x(padded, K::neg_inf()), key(padded, 0.f), ranks(padded, K::kExcluded),
-        group_ranks(c.num_groups), group_keep(c.num_groups), chosen(c.k) {}
-  int64_t padded;
+      : vectors(at::divup(c.E, R)), chunks(at::divup(c.k, R)), x(vectors * R, K::neg_inf()), key(vectors * R),
+        ord(vectors * R, kTaken), candidates(c.E), chunk_max(chunks * R), group_ranks(c.num_groups),
+        group_keep(c.num_groups), chosen(c.k) {}
+  int64_t vectors, chunks;
   std::vector<float> x, key;
-  std::vector<int64_t> ranks, group_ranks;
+  std::vector<int32_t> ord;  // ordered keys; kTaken: outside the chosen groups, and the padding lanes
+  std::vector<int64_t> candidates;
+  std::vector<int32_t> chunk_max;
+  std::vector<int64_t> group_ranks;
   std::vector<char> group_keep;
   std::vector<float> chosen;
 };
 
-float reduce_max(const float* v, int64_t n) {
-  Vec acc(K::neg_inf());
-  for (int64_t i = 0; i < n; i += R) acc = at::vec::maximum(acc, Vec::loadu(v + i));
+// Bit i set when lane i of v is >= t.
+inline uint32_t lanes_at_least(const int32_t* v, int32_t t) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmpge_epi32_mask(_mm512_loadu_si512(v), _mm512_set1_epi32(t));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i below = _mm256_cmpgt_epi32(_mm256_set1_epi32(t), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+  return ~static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(below))) & 0xFFu;
+#else
+  uint32_t bits = 0;
+  for (int64_t i = 0; i < R; ++i) bits |= static_cast<uint32_t>(v[i] >= t) << i;
+  return bits;
+#endif
+}
+
+float lanes_max(Vec v) {
   alignas(64) float lanes[R];
-  acc.store(lanes);
+  v.store(lanes);
   return *std::max_element(lanes, lanes + R);
 }
 
-float reduce_sum(const float* v, int64_t n) {
-  Vec acc(0.f);
-  for (int64_t i = 0; i < n; i += R) acc = acc + Vec::loadu(v + i);
+float lanes_sum(Vec v) {
   alignas(64) float lanes[R];
-  acc.store(lanes);
+  v.store(lanes);
   float sum = 0.f;
   for (int64_t r = 0; r < R; ++r) sum += lanes[r];
   return sum;
 }
 
+// The best and second best of a group's float keys (size >= 2 when called), from lane-wise maxima.
+void group_top2(const float* key, int64_t size, float& best, float& second) {
+  best = second = K::neg_inf();
+  int64_t e = 0;
+  if (size >= R) {
+    Vec b(K::neg_inf()), s(K::neg_inf());
+    for (; e + R <= size; e += R) {
+      const Vec v = Vec::loadu(key + e);
+      s = at::vec::maximum(s, at::vec::minimum(b, v));
+      b = at::vec::maximum(b, v);
+    }
+    alignas(64) float lb[R], ls[R];
+    b.store(lb);
+    s.store(ls);
+    for (int64_t r = 0; r < R; ++r) {
+      second = std::max(second, std::min(best, lb[r]));
+      best = std::max(best, lb[r]);
+      second = std::max(second, ls[r]);
+    }
+  }
+  for (; e < size; ++e) {
+    second = std::max(second, std::min(best, key[e]));
+    best = std::max(best, key[e]);
+  }
+}
+
 template <typename scalar_t>
 void route_row(const scalar_t* src, int64_t col_stride, const Config& c, RowScratch& s, float* w_out,
                int32_t* id_out) {
-  const int64_t E = c.E, P = s.padded;
+  const int64_t E = c.E, V = s.vectors, G = c.num_groups;
   float* x = s.x.data();
   float* key = s.key.data();
-  for (int64_t e = 0; e < E; ++e) x[e] = static_cast<float>(src[e * col_stride]);
-  for (int64_t e = 0; e < P; e += R) sanitize(Vec::loadu(x + e)).store(x + e);
+  int32_t* ord = s.ord.data();
+  if (std::is_same_v<scalar_t, float> && col_stride == 1) {
+    std::memcpy(x, src, E * sizeof(float));
+  } else {
+    for (int64_t e = 0; e < E; ++e) x[e] = static_cast<float>(src[e * col_stride]);
+  }
+  for (int64_t i = 0; i < V; ++i) sanitize(Vec::loadu(x + i * R)).store(x + i * R);  // padding stays -inf
 
-  float m = 0.f, inv = 0.f;
-  const bool softmax_before = !c.sigmoid && !c.softmax_after_topk;
-  if (softmax_before) {
-    m = reduce_max(x, P);
-    for (int64_t e = 0; e < P; e += R) softmax_numerator(Vec::loadu(x + e), Vec(m)).store(key + e);
-    for (int64_t e = E; e < P; ++e) key[e] = 0.f;
-    inv = m == K::neg_inf() ? 0.f : 1.f / reduce_sum(key, P);
+  // Softmax statistics only where a key or weight needs the full softmax: with the logit as key and the weights
+  // renormalised over the k chosen, the denominator cancels (its 1e-20 guard is below float resolution: the
+  // chosen hold the row's maximum).
+  const bool softmax = !c.sigmoid && !c.softmax_after_topk;
+  const bool statistics = softmax && (!c.key_is_logit || !c.renormalize);
+  float m = 0.f, inv = 1.f;
+  if (statistics) {
+    Vec acc(K::neg_inf());
+    for (int64_t i = 0; i < V; ++i) acc = at::vec::maximum(acc, Vec::loadu(x + i * R));
+    m = lanes_max(acc);
+    Vec sum(0.f);
+    for (int64_t i = 0; i < V; ++i) {
+      const Vec n = softmax_numerator(Vec::loadu(x + i * R), Vec(m));
+      n.store(key + i * R);
+      sum = sum + Vec::blendv(n, Vec(0.f), Vec::loadu(x + i * R) == Vec(K::neg_inf()));  // padding adds 0
+    }
+    inv = m == K::neg_inf() ? 0.f : 1.f / lanes_sum(sum);
   }
   const float* rank_key = x;
   if (!c.key_is_logit) {
-    for (int64_t e = 0; e < P; e += R) {
+    for (int64_t i = 0; i < V; ++i) {
+      const int64_t e = i * R;
       const Vec xe = Vec::loadu(x + e);
-      Vec k = c.sigmoid ? sigmoid(xe) : softmax_before ? Vec::loadu(key + e) * Vec(inv) : xe;
+      Vec k = c.sigmoid ? sigmoid(xe) : softmax ? Vec::loadu(key + e) * Vec(inv) : xe;
       if (c.bias != nullptr) k = k + Vec::loadu(c.bias + e, std::min<int64_t>(R, E - e));
       sanitize(k).store(key + e);
     }
     rank_key = key;
   }
+  for (int64_t i = 0; i < V; ++i) ordered(Vec::loadu(rank_key + i * R)).store(ord + i * R);
+  std::fill(ord + E, ord + V * R, kTaken);
 
-  int64_t* ranks = s.ranks.data();
-  for (int64_t e = 0; e < E; ++e) ranks[e] = K::rank_of(rank_key[e], e);
-  if (c.num_groups > 1) {
-    const int64_t size = E / c.num_groups;
-    for (int64_t g = 0; g < c.num_groups; ++g)
-      s.group_ranks[g] = K::rank_of(K::group_score(rank_key, ranks, g * size, size, c.top2_sum), g);
-    std::fill(s.group_keep.begin(), s.group_keep.end(), 0);
-    int64_t bound = INT64_MAX;
-    for (int64_t i = 0; i < c.topk_groups; ++i) {
-      bound = K::best_below(s.group_ranks.data(), c.num_groups, bound);
-      s.group_keep[K::index_of_rank(bound)] = 1;
+  if (G > 1) {
+    const int64_t size = E / G;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* group = rank_key + g * size;
+      float score;
+      if (c.top2_sum) {
+        float best, second;
+        group_top2(group, size, best, second);
+        score = K::nan_to_neg_inf(best + second);
+      } else {
+        score = *std::max_element(group, group + size);
+      }
+      s.group_ranks[g] = K::rank_of(score, g);
     }
-    for (int64_t e = 0; e < E; ++e)
-      if (!s.group_keep[e / size]) ranks[e] = K::disallowed_rank(e);
+    // The best topk_groups groups by (score, lower index); the others' experts rank behind every allowed one,
+    // in index order (kTaken), and fill the slots the allowed groups cannot (kernels/topk_gating.h).
+    std::partial_sort(s.group_ranks.begin(), s.group_ranks.begin() + c.topk_groups, s.group_ranks.end(),
+                      std::greater<>());
+    std::fill(s.group_keep.begin(), s.group_keep.end(), 0);
+    for (int64_t i = 0; i < c.topk_groups; ++i) s.group_keep[K::index_of_rank(s.group_ranks[i])] = 1;
+    for (int64_t g = 0; g < G; ++g)
+      if (!s.group_keep[g]) std::fill(ord + g * size, ord + (g + 1) * size, kTaken);
   }
-  int64_t bound = INT64_MAX;
-  for (int64_t j = 0; j < c.k; ++j) {
-    bound = K::best_below(ranks, P, bound);
-    id_out[j] = K::index_of_rank(bound);
+
+  // The threshold: the k-th largest chunk maximum (chunks = lanes of M interleaved running maxima).
+  const int64_t M = s.chunks;
+  int32_t* chunk = s.chunk_max.data();
+  std::fill(chunk, chunk + M * R, kTaken);
+  for (int64_t i = 0; i < V; ++i) {
+    int32_t* acc = chunk + (i % M) * R;
+    const Lanes v = load_lanes(ord + i * R), a = load_lanes(acc);
+    const Lanes mx = v > a ? v : a;
+    std::memcpy(acc, &mx, sizeof(Lanes));
   }
+  std::nth_element(chunk, chunk + (c.k - 1), chunk + M * R, std::greater<>());
+  const int32_t t = chunk[c.k - 1];
+
+  int64_t n = 0;
+  for (int64_t i = 0; i < V; ++i) {
+    for (uint32_t bits = lanes_at_least(ord + i * R, t); bits; bits &= bits - 1) {
+      const int64_t e = i * R + __builtin_ctz(bits);
+      if (e < E) s.candidates[n++] = K::make_rank(ord[e], e);
+    }
+  }
+  int64_t* cand = s.candidates.data();
+  std::partial_sort(cand, cand + c.k, cand + n, std::greater<>());
+  for (int64_t j = 0; j < c.k; ++j) id_out[j] = K::index_of_rank(cand[j]);
 
   if (c.softmax_after_topk) {
     for (int64_t j = 0; j < c.k; ++j) s.chosen[j] = x[id_out[j]];
     K::softmax_over_chosen(s.chosen.data(), w_out, c.k);
     for (int64_t j = 0; j < c.k; ++j) w_out[j] *= c.scale;
     return;
+  }
+  if (softmax && !statistics) {
+    m = x[id_out[0]];  // the row's maximum: the best key is the largest logit
+    inv = m == K::neg_inf() ? 0.f : 1.f;
   }
   for (int64_t j = 0; j < c.k; ++j) {
     const float xv = x[id_out[j]];
@@ -407,4 +506,4 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& logits, int64_t
   return {weights, ids};
 }
 
-}  // namespace netmerge::cpu
+}  // namespace netmerge::cpu::NETMERGE_ISA

@@ -37,6 +37,15 @@ LOOP_MAX_ROWS = 256
 COMPILED_MIN_ROWS = 65536
 QUICK = {"batches": (1, 64), "experts": (2, 8), "classes": (5,), "compile": False}
 
+
+def cases(
+    *, batches: tuple[int, ...] = BATCHES, experts: tuple[int, ...] = EXPERTS, classes: tuple[int, ...] = CLASSES,
+    ops: tuple[str, ...] = OPS, **_: Any,
+) -> int:  # fmt: skip
+    """How many rows ``run`` makes with these arguments (for the progress bar)."""
+    return len(batches) * len(experts) * len(classes) * len(ops)
+
+
 _STATS = ("mean", "std", "max")
 
 

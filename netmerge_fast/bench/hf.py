@@ -135,6 +135,12 @@ QUICK = {
     "min_run_s": 0.002,
 }
 
+
+def cases(*, models: tuple[Model, ...] = MODELS, cases: tuple[tuple[str, int], ...] = CASES, **_: Any) -> int:
+    """How many rows ``run`` makes with these arguments (for the progress bar)."""
+    return len(models) * len(cases)
+
+
 _CONFIGS = {
     "mixtral": "MixtralConfig",
     "qwen2_moe": "Qwen2MoeConfig",

@@ -19,6 +19,13 @@ from netmerge_fast.bench.dispatch import DECODE_MAX_TOKENS, SHAPES, TOKENS, Shap
 from netmerge_fast.nn import SparseMoE
 
 QUICK = {"tokens": (1, 64), "shapes": (Shape("tiny qwen3 E32 k4", 32, 4, 64, 32),)}
+# `netmerge-fast bench` without --full: the many-expert layer at decode and prefill.
+DEFAULT = {"tokens": (1, 512), "shapes": (SHAPES[1],)}
+
+
+def cases(*, shapes: tuple[Shape, ...] = SHAPES, tokens: tuple[int, ...] = TOKENS, **_: Any) -> int:
+    """How many rows ``run`` makes with these arguments (for the progress bar)."""
+    return len(shapes) * len(tokens)
 
 
 def hf_block(shape: Shape):

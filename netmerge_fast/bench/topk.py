@@ -45,6 +45,13 @@ SHAPES = (
 )
 TOKENS = (1, 32, 2048, 16384)
 QUICK = {"tokens": (1, 256), "compile": False}
+# `netmerge-fast bench` without --full: decode and prefill on the many-expert shapes, eager baselines only.
+DEFAULT = {"shapes": (SHAPES[2], SHAPES[3]), "tokens": (1, 2048), "compile": False}
+
+
+def cases(*, shapes: tuple[Shape, ...] = SHAPES, tokens: tuple[int, ...] = TOKENS, **_: Any) -> int:
+    """How many rows ``run`` makes with these arguments (for the progress bar)."""
+    return len(shapes) * len(tokens)
 
 
 def hf_eager(shape: Shape) -> Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmerge_fast import _checks, reference
+from netmerge_fast import _checks, packed_experts, reference
 from netmerge_fast._backends import resolve
 from netmerge_fast.dispatch import moe_experts, run_validated
 from netmerge_fast.integrations import switch_transformers
@@ -144,6 +144,8 @@ def _looks_like_router(module: nn.Module) -> bool:
 class _ExpertsPlan:
     activation: str
     interleaved: bool  # GPT-OSS: gate/up columns interleaved (gate = even, up = odd)
+    quantize: str | None = None  # enable(quantize_experts=...)
+    packed: packed_experts.PackCache = field(default_factory=packed_experts.PackCache)
 
 
 def _activation_of(module: nn.Module) -> str | None:
@@ -190,10 +192,22 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if not isinstance(plan, _ExpertsPlan) or self._is_expert_parallel:
         return _fallback(self, plan)(self, hidden_states, top_k_index, top_k_weights)
     first, down, b_first, b_down = _expert_tensors(self)
+    x = hidden_states.to(first.dtype)
+    layout = (self.is_transposed, plan.interleaved)
+    if plan.quantize is not None or packed_experts.runs_packed(
+        x, first, "auto", x, top_k_weights, first, down, b_first, b_down
+    ):
+        # CPU inference, or int8: the weights packed once into the micro-kernel's layout (gate and up concatenated).
+        packed = plan.packed.get(
+            first, down, quantize=plan.quantize, transposed=layout[0], gate_up_interleaved=layout[1]
+        )
+        if plan.interleaved and b_first is not None:
+            b_first = torch.cat([b_first[..., 0::2], b_first[..., 1::2]], dim=-1)
+        first, down, layout = packed, None, (False, False)
     # The weights were checked at enable and the ids come from a router's top-k: skip moe_experts' per-call checks.
     out = run_validated(
-        hidden_states.to(first.dtype), first, down, top_k_weights.float(), top_k_index, plan.activation,
-        self.has_gate, b_first, b_down, False, "auto", self.is_transposed, plan.interleaved,
+        x, first, down, top_k_weights.float(), top_k_index, plan.activation, self.has_gate, b_first, b_down, False,
+        "auto", *layout,
     )  # fmt: skip
     return out.to(hidden_states.dtype)
 
@@ -266,7 +280,9 @@ def _require_transformers():
         ExpertsInterface.register(EXPERTS_IMPLEMENTATION, _experts_forward)
 
 
-def enable(model: nn.Module, *, routing: bool = True, experts: bool = True) -> HFPatchReport:
+def enable(
+    model: nn.Module, *, routing: bool = True, experts: bool = True, quantize_experts: str | None = None
+) -> HFPatchReport:
     """Run a Hugging Face transformers 5 MoE model's routers on ``topk_gating`` and its experts on ``moe_experts``.
 
     Args:
@@ -274,7 +290,12 @@ def enable(model: nn.Module, *, routing: bool = True, experts: bool = True) -> H
             ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM``, ``DeepseekV3ForCausalLM``, ``GptOssForCausalLM``,
             ``SwitchTransformersForConditionalGeneration``: see ``integrations.switch_transformers``).
         routing: patch the router modules' forward (their class, outputs and hooks stay).
-        experts: select the ``"netmerge"`` experts implementation (``model.set_experts_implementation``).
+        experts: select the ``"netmerge"`` experts implementation (``model.set_experts_implementation``). On CPU,
+            calls that need no gradient run on a copy of each module's weights packed by ``pack_experts`` (made on
+            the first such call, again whenever the weights change; it costs one more copy of the expert weights).
+        quantize_experts: ``"int8"`` runs every experts call on int8 weights (weight-only, per output channel;
+            a quarter of float32's bytes, half of bfloat16's), quantised on the first call; inference only
+            (``NotImplementedError`` when a gradient is needed). ``None``: the model's own weights.
 
     Returns:
         An ``HFPatchReport``: the routers and experts modules now running on netmerge-fast, and each module left
@@ -289,6 +310,10 @@ def enable(model: nn.Module, *, routing: bool = True, experts: bool = True) -> H
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     _checks.boolean("routing", routing)
     _checks.boolean("experts", experts)
+    if quantize_experts is not None:
+        _checks.choice("quantize_experts", quantize_experts, packed_experts.QUANTIZATIONS)
+        if not experts:
+            raise ValueError("quantize_experts needs experts=True")
     _require_transformers()
     if getattr(model, "_netmerge_report", None) is not None:
         disable(model)
@@ -296,7 +321,7 @@ def enable(model: nn.Module, *, routing: bool = True, experts: bool = True) -> H
     if routing:
         _enable_routing(model, report)
     if experts:
-        _enable_experts(model, report)
+        _enable_experts(model, report, quantize_experts)
     switch_transformers.enable(model, report, routing=routing, experts=experts)
     if not report.changed and not report.skipped:
         report.skipped[""] = f"{type(model).__name__} has no MoE router or experts module that transformers dispatches"
@@ -338,7 +363,7 @@ def _check_router(module: nn.Module, routing_of, logits_dtype: torch.dtype | Non
     return None
 
 
-def _enable_experts(model: nn.Module, report: HFPatchReport) -> None:
+def _enable_experts(model: nn.Module, report: HFPatchReport, quantize: str | None) -> None:
     modules = [(n, m) for n, m in model.named_modules() if _is_experts_module(m)]
     if not modules:
         return
@@ -356,6 +381,7 @@ def _enable_experts(model: nn.Module, report: HFPatchReport) -> None:
             report.skipped[name] = reason
             module._netmerge_plan = module._netmerge_previous
             continue
+        plan.quantize = quantize
         module._netmerge_plan = plan
         report.experts.append(name)
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)

@@ -10,9 +10,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from netmerge_fast import _checks, reference
+from netmerge_fast import _checks, packed_experts, reference
 from netmerge_fast.capacity import apply_capacity, expert_capacity
-from netmerge_fast.dispatch import ACTIVATIONS, moe_experts
+from netmerge_fast.dispatch import ACTIVATIONS, moe_experts, run_validated
 from netmerge_fast.routing import expert_counts, load_balancing_loss, router_z_loss, slot_probabilities, topk_gating
 
 __all__ = ["MoEExperts", "RouterStats", "SharedExpert", "SparseMoE"]
@@ -29,6 +29,13 @@ class MoEExperts(nn.Module):
 
     ``gate_up_proj [E, 2I, H]`` (gate rows then up rows; ``[E, I, H]`` when not gated), ``down_proj [E, H, I]``,
     with ``bias``: ``gate_up_proj_bias [E, 2I]`` and ``down_proj_bias [E, H]``.
+
+    On CPU, a call that needs no gradient (``torch.no_grad()``, ``inference_mode``, or weights with
+    ``requires_grad=False``) runs on a copy of the weights packed by ``pack_experts``, made on the first such call
+    and again whenever a weight changes (an optimizer step, ``load_state_dict``, ``.to()``: the parameters'
+    version counters and storage are checked on each call). It costs one more copy of the expert weights in memory
+    (``packed_nbytes``); ``quantize_experts("int8")`` makes that copy int8 (a quarter of float32) and runs every
+    call on it. Calls that need gradients run on the parameters themselves.
     """
 
     def __init__(
@@ -50,6 +57,9 @@ class MoEExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, width)) if bias else None
         self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
+        self.quantize: str | None = None
+        self.group_size: int | None = None
+        self._pack_cache = packed_experts.PackCache()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -59,11 +69,55 @@ class MoEExperts(nn.Module):
             _uniform_(self.gate_up_proj_bias, self.hidden_size)
             _uniform_(self.down_proj_bias, self.intermediate_size)
 
-    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def quantize_experts(self, mode: str | None = "int8", *, group_size: int | None = None) -> None:
+        """Run every call on int8 experts (weight-only, symmetric, float32 scales per output channel or per
+        ``group_size`` inputs), quantised from the current weights now and again whenever they change;
+        ``None`` goes back to the float weights. Inference only: a call that needs a gradient raises
+        ``NotImplementedError``."""
+        if mode is not None:
+            _checks.choice("mode", mode, packed_experts.QUANTIZATIONS)
+        if group_size is not None:
+            if mode is None:
+                raise ValueError("group_size needs mode='int8'")
+            _checks.integer("group_size", group_size, low=1)
+        self.quantize, self.group_size = mode, group_size
+        self._pack_cache.clear()
+        if mode is not None:
+            self.packed()
+
+    def packed(self) -> packed_experts.PackedExperts:
+        """The weights packed by ``pack_experts`` (int8 after ``quantize_experts``), made again if they changed."""
+        return self._pack_cache.get(
+            self.gate_up_proj, self.down_proj, quantize=self.quantize, group_size=self.group_size
+        )
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes held by the packed copy of the weights (0 before the first call that uses it)."""
+        return self._pack_cache.nbytes
+
+    def _apply(self, fn, recurse=True):
+        self._pack_cache.clear()  # .to() / .half() / ...: the packed copy is of the old weights
+        return super()._apply(fn, recurse)
+
+    def forward(
+        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, checked: bool = True
+    ) -> torch.Tensor:
+        """``moe_experts`` on the module's weights; ``checked=False`` skips its per-call checks, for routings that
+        are valid by construction (SparseMoE's own top-k: a decode step then does not pay them)."""
+        weights = (self.gate_up_proj, self.down_proj)
+        if self.quantize is not None or packed_experts.runs_packed(
+            hidden, self.gate_up_proj, self.backend, hidden, topk_weights, *self.parameters()
+        ):
+            weights = (self.packed(), None)
+        if not checked:
+            return run_validated(
+                hidden, *weights, topk_weights, topk_ids, self.activation, self.gated, self.gate_up_proj_bias,
+                self.down_proj_bias, False, self.backend,
+            )  # fmt: skip
         return moe_experts(
             hidden,
-            self.gate_up_proj,
-            self.down_proj,
+            *weights,
             topk_weights,
             topk_ids,
             activation=self.activation,
@@ -74,9 +128,11 @@ class MoEExperts(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        quantized = f", quantize={self.quantize!r}" if self.quantize else ""
         return (
             f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
             f"intermediate_size={self.intermediate_size}, activation={self.activation!r}, gated={self.gated}"
+            f"{quantized}"
         )
 
 
@@ -273,7 +329,7 @@ class SparseMoE(nn.Module):
                 ids, weights, self.num_experts, capacity, self.capacity_order, self.backend, priority=priority,
                 return_dropped=True,
             )  # fmt: skip
-        out = self.experts(flat, weights, dispatched)
+        out = self.experts(flat, weights, dispatched, checked=False)
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:
@@ -286,6 +342,10 @@ class SparseMoE(nn.Module):
         if self._recording is not None:
             self._recording.append(ids.detach())
         return out.reshape(shape)
+
+    def quantize_experts(self, mode: str | None = "int8", *, group_size: int | None = None) -> None:
+        """Run the experts on int8 weights (see ``MoEExperts.quantize_experts``); ``None`` undoes it."""
+        self.experts.quantize_experts(mode, group_size=group_size)
 
     @torch.no_grad()
     def update_selection_bias(self) -> None:

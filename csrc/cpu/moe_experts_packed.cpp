@@ -1,0 +1,529 @@
+// CPU launcher of moe_experts_packed: the expert MLPs on weights that netmerge_fast.pack_experts laid out once in
+// the micro-kernel's order, so no call repacks (or even reads out of order) a weight.
+//
+// Layout (written by dispatch.py's pack_experts; the shapes and dtypes carry it). NR = columns per panel (two
+// SIMD vectors of the machine that packed: 16 for AVX2, 32 for AVX-512; every build reads both):
+//   gate_up  [E, P1, H, NR] float32 | [E, P1, H2 / 2, NR, 2] bfloat16 (k-pairs; H2 = H rounded up to even)
+//            | [E, P1, H, NR] int8 with gate_up_scales [E, P1, G, NR] float32 (G = groups of group_size along H)
+//   down     the same with H -> Ip (the padded intermediate size) and NR columns of H per panel.
+// Panel p of gate_up holds, for each k, U = NR / 2 gate units then the same U up units (gated), or NR units: one
+// pass over the panel computes both halves of U units, and its epilogue applies bias and activation while the
+// tile is in L1. Units past I and columns past H are zero weights; the activation of a zero is zero for every
+// activation here, so the padded units add nothing to the down projection.
+//
+// A call: permutation (moe_common.h) -> phase A tasks (expert, row block, panels): gate+up micro-kernel, bias,
+// activation -> act [rows, Ip] float -> phase B tasks: down micro-kernel -> y [rows, H] float -> combine. bfloat16
+// and int8 panels are widened to float in the micro-kernel (a shift, or a sign extension and a convert), so the
+// arithmetic is float32 FMA everywhere; int8 scales multiply each group's sums. Intermediate values are rounded
+// to hidden's dtype where moe_experts rounds them (the GEMM outputs, the biased pre-activation, the activation),
+// so the two paths agree to summation order.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/grouped_gemm.h"
+#include "cpu/moe_common.h"
+#include "ops.h"
+
+namespace netmerge::cpu::NETMERGE_ISA {
+namespace {
+
+using namespace moe;
+using Vec = at::vec::Vectorized<float>;
+using VecI = at::vec::Vectorized<int32_t>;
+constexpr int64_t L = Vec::size();
+
+enum class Format { kFloat, kBf16Pairs, kInt8 };
+
+// Rows of a micro-kernel tile, and the accumulator vectors it may use: accumulators, the panel's NV vectors and
+// a broadcast fit the 16 vector registers of AVX2 (32 with AVX-512). The baseline build's 8-float vectors take
+// two SSE registers each.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kAccumulators = 24;
+constexpr int kMaxRows = 12;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kAccumulators = 12;
+constexpr int kMaxRows = 6;
+#else
+constexpr int kAccumulators = 4;
+constexpr int kMaxRows = 2;
+#endif
+
+// The loops over a tile's rows and vectors must be unrolled before GCC decides where the accumulator arrays
+// live: left as loops, it keeps every accumulator in memory (a load and a store around each FMA, a third of
+// the speed).
+#define NETMERGE_UNROLL _Pragma("GCC unroll 64")
+
+template <int NV>
+constexpr int max_rows() {
+  return std::max(1, std::min(kMaxRows, kAccumulators / NV));
+}
+
+// The float values of L consecutive int8 weights.
+inline Vec load_int8(const int8_t* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  alignas(64) float v[L];
+  for (int64_t i = 0; i < L; ++i) v[i] = static_cast<float>(p[i]);
+  return Vec::loadu(v);
+#endif
+}
+
+// L consecutive k-pairs of bfloat16 weights (one 32-bit word each, k in the low half): the float values for k
+// (word << 16) and for k + 1 (the high half in place).
+inline void load_bf16_pairs(const uint32_t* p, Vec& lo, Vec& hi) {
+  const VecI words = VecI::loadu(p);
+  lo = at::vec::cast<float>(words << VecI(16));
+  hi = at::vec::cast<float>(words & VecI(static_cast<int32_t>(0xFFFF0000u)));
+}
+
+// The sums over k in [k0, k1) of a[r][k] * W[k][c], added into tile[r][c] (first: into zeros), for MR rows
+// (pointers a[r]) and one panel W of NV * L columns (k-pairs for bf16: k0, k1 even). int8 scales: with
+// group > 0 (group-wise) each group's sums are scaled as they are added; with group == 0 (one scale per column)
+// the tile holds raw sums until the last block scales them. S accumulator sets (interleaved k) give a tile with
+// few rows (decode) enough independent FMA chains to hide the latency. `ahead`, when given, is prefetched into
+// L2 as this block is read (one line per 64 bytes): the next block of the panel, or the next panel.
+template <Format F, int MR, int NV>
+void micro_tile(const float* const* a, int64_t k0, int64_t k1, const void* panel, const float* scales,
+                int64_t group, float* tile, bool first, bool last, const char* ahead) {
+  constexpr int64_t NR = NV * L;
+  constexpr int64_t kStepBytes = NR * (F == Format::kFloat ? 4 : F == Format::kBf16Pairs ? 2 : 1);
+  constexpr int S = MR * NV >= 8 ? 1 : MR * NV >= 4 ? 2 : 4;
+  const auto prefetch = [&](int64_t k) {
+    const int64_t offset = (k - k0) * kStepBytes;
+    if (ahead != nullptr && offset % 64 == 0) __builtin_prefetch(ahead + offset, 0, 2);
+  };
+  const int64_t span = group > 0 ? group : k1 - k0;
+  for (int64_t g0 = k0; g0 < k1; g0 += span) {
+    const int64_t g1 = std::min(k1, g0 + span);
+    Vec acc[S][MR][NV];
+    NETMERGE_UNROLL for (int s = 0; s < S; ++s)
+      NETMERGE_UNROLL for (int r = 0; r < MR; ++r)
+        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) acc[s][r][v] = Vec(0.f);
+    const auto step = [&](int s, int64_t k, const Vec* w) {
+      prefetch(k);
+      NETMERGE_UNROLL for (int r = 0; r < MR; ++r) {
+        const Vec x(a[r][k]);
+        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) acc[s][r][v] = at::vec::fmadd(x, w[v], acc[s][r][v]);
+      }
+    };
+    int64_t k = g0;
+    if constexpr (F == Format::kBf16Pairs) {
+      const uint32_t* w = static_cast<const uint32_t*>(panel) + g0 / 2 * NR;
+      constexpr int P = S >= 2 ? S / 2 : 1;  // pairs per unrolled step
+      for (; k + 2 * P <= g1; k += 2 * P) {
+        NETMERGE_UNROLL for (int i = 0; i < P; ++i, w += NR) {
+          Vec lo[NV], hi[NV];
+          NETMERGE_UNROLL for (int v = 0; v < NV; ++v) load_bf16_pairs(w + v * L, lo[v], hi[v]);
+          step((2 * i) % S, k + 2 * i, lo);
+          step((2 * i + 1) % S, k + 2 * i + 1, hi);
+        }
+      }
+      for (; k < g1; k += 2, w += NR) {
+        Vec lo[NV], hi[NV];
+        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) load_bf16_pairs(w + v * L, lo[v], hi[v]);
+        step(0, k, lo);
+        step(0, k + 1, hi);
+      }
+    } else {
+      using weight_t = std::conditional_t<F == Format::kFloat, float, int8_t>;
+      const weight_t* w = static_cast<const weight_t*>(panel) + g0 * NR;
+      const auto load = [](const weight_t* p, Vec* out) {
+        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) {
+          if constexpr (F == Format::kFloat) {
+            out[v] = Vec::loadu(p + v * L);
+          } else {
+            out[v] = load_int8(p + v * L);
+          }
+        }
+      };
+      for (; k + S <= g1; k += S) {
+        NETMERGE_UNROLL for (int s = 0; s < S; ++s, w += NR) {
+          Vec wv[NV];
+          load(w, wv);
+          step(s, k + s, wv);
+        }
+      }
+      for (; k < g1; ++k, w += NR) {
+        Vec wv[NV];
+        load(w, wv);
+        step(0, k, wv);
+      }
+    }
+    NETMERGE_UNROLL for (int s = 1; s < S; ++s)
+      NETMERGE_UNROLL for (int r = 0; r < MR; ++r)
+        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) acc[0][r][v] = acc[0][r][v] + acc[s][r][v];
+    NETMERGE_UNROLL for (int r = 0; r < MR; ++r) {
+      NETMERGE_UNROLL for (int v = 0; v < NV; ++v) {
+        float* dst = tile + r * NR + v * L;
+        if (group > 0) {
+          const Vec scale = Vec::loadu(scales + g0 / group * NR + v * L);
+          const bool fresh = first && g0 == k0;
+          (fresh ? acc[0][r][v] * scale : at::vec::fmadd(acc[0][r][v], scale, Vec::loadu(dst))).store(dst);
+        } else {
+          // Added here rather than loaded into the accumulators: a conditional load there makes the compiler keep
+          // them in memory.
+          const Vec sum = first ? acc[0][r][v] : acc[0][r][v] + Vec::loadu(dst);
+          (last && scales != nullptr ? sum * Vec::loadu(scales + v * L) : sum).store(dst);
+        }
+      }
+    }
+  }
+}
+
+// micro_tile for mr rows (1 <= mr <= max_rows<NV>()), chosen at compile time.
+template <Format F, int NV, int MR = 1>
+void run_tile(int mr, const float* const* a, int64_t k0, int64_t k1, const void* panel, const float* scales,
+              int64_t group, float* tile, bool first, bool last, const char* ahead) {
+  if constexpr (MR < max_rows<NV>()) {
+    if (mr > MR) return run_tile<F, NV, MR + 1>(mr, a, k0, k1, panel, scales, group, tile, first, last, ahead);
+  }
+  micro_tile<F, MR, NV>(a, k0, k1, panel, scales, group, tile, first, last, ahead);
+}
+
+// Values rounded to scalar_t (round to nearest even), kept in float.
+template <typename scalar_t>
+Vec round_to(Vec v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    const VecI bits = at::vec::cast<int32_t>(v);
+    const VecI lsb = (bits >> VecI(16)) & VecI(1);
+    const VecI rounded = (bits + VecI(0x7FFF) + lsb) & VecI(static_cast<int32_t>(0xFFFF0000u));
+    return Vec::blendv(at::vec::cast<float>(rounded), v, v != v);  // NaN stays NaN
+  } else {
+    alignas(64) float f[L];
+    scalar_t h[L];
+    v.store(f);
+    for (int64_t i = 0; i < L; ++i) h[i] = static_cast<scalar_t>(f[i]);
+    for (int64_t i = 0; i < L; ++i) f[i] = static_cast<float>(h[i]);
+    return Vec::loadu(f);
+  }
+}
+
+struct Shape {
+  Format format;
+  int64_t E, H, I, Ip, NR, U, P1, P2, K1, K2, group1, group2;
+  bool gated;
+  Activation activation;
+  size_t weight_bytes;  // per element
+};
+
+// One phase's work: rows [r0, r1) of the sorted rows (all of one expert), panels [p0, p1).
+struct Task {
+  int64_t expert, r0, r1, p0, p1;
+};
+
+// Tasks over every expert's rows: row blocks small enough that a block's inputs stay in L2 while the panels
+// stream past (each panel is then read once per block), and panel ranges split in proportion to the rows, aiming
+// at ~8 tasks per thread, none with less than ~64 KB of weights.
+std::vector<Task> plan_tasks(const std::vector<int64_t>& starts, int64_t E, int64_t panels, int64_t K,
+                             size_t panel_bytes) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t total = starts[E];
+  const int64_t max_block = std::clamp<int64_t>((int64_t{256} << 10) / (4 * K), kMaxRows, 64);
+  const int64_t least_panels = std::max<int64_t>(1, (int64_t{64} << 10) / static_cast<int64_t>(panel_bytes));
+  std::vector<Task> tasks;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t rows = starts[e + 1] - starts[e];
+    if (rows == 0) continue;
+    const int64_t blocks = at::divup(rows, max_block), block = at::divup(rows, blocks);
+    for (int64_t r0 = starts[e]; r0 < starts[e + 1]; r0 += block) {
+      const int64_t r1 = std::min(starts[e + 1], r0 + block);
+      const int64_t parts = std::max<int64_t>(1, (8 * threads * (r1 - r0) + total - 1) / total);
+      const int64_t width = std::max(least_panels, at::divup(panels, parts));
+      for (int64_t p0 = 0; p0 < panels; p0 += width) tasks.push_back({e, r0, r1, p0, std::min(panels, p0 + width)});
+    }
+  }
+  return tasks;
+}
+
+// The row tiles of n rows, as (first row, rows): as even as possible, none above the micro-kernel's maximum.
+std::vector<std::pair<int64_t, int>> row_tiles(int64_t n, int max_rows) {
+  std::vector<std::pair<int64_t, int>> tiles;
+  const int64_t count = at::divup(n, max_rows);
+  for (int64_t t = 0, r = 0; t < count; ++t) {
+    const int64_t mr = (n - r) / (count - t);
+    tiles.emplace_back(r, static_cast<int>(mr));
+    r += mr;
+  }
+  return tiles;
+}
+
+// Panel rows per block of k: ~32 KB of weights, which stay in L1/L2 while every row tile of the task reads them
+// (an int8 block is a whole number of scale groups).
+template <Format F, int NV>
+int64_t k_block(int64_t group) {
+  constexpr int64_t bytes = NV * L * (F == Format::kFloat ? 4 : F == Format::kBf16Pairs ? 2 : 1);
+  const int64_t rows = (int64_t{32} << 10) / bytes;
+  return group > 0 ? std::max<int64_t>(1, rows / group) * group : rows;
+}
+
+// One phase: every task's rows times its panels, tiles accumulated over k blocks in `sums` ([rows][NR]), then
+// `finish(panel, first row, rows, sums)` once per panel.
+template <Format F, int NV, typename Finish>
+void run_phase(const std::vector<Task>& tasks, const float* const* rows, int64_t K, int64_t panels,
+               const char* weights, int64_t panel_bytes, const float* scales, int64_t groups, int64_t group,
+               double flops, const Finish& finish) {
+  constexpr int64_t NR = NV * L;
+  constexpr int MR = max_rows<NV>();
+  const int64_t block = k_block<F, NV>(group);
+  const int64_t step_bytes = panel_bytes / K;
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    const Task& t = tasks[i];
+    alignas(64) float sums[64 * NR];  // task rows: at most 64 (plan_tasks)
+    const auto tiles = row_tiles(t.r1 - t.r0, MR);
+    const float* const* a = rows + t.r0;
+    for (int64_t p = t.p0; p < t.p1; ++p) {
+      const int64_t panel = t.expert * panels + p;
+      const char* w = weights + panel * panel_bytes;
+      const float* panel_scales = scales ? scales + panel * groups * NR : nullptr;
+      for (int64_t k0 = 0; k0 < K; k0 += block) {
+        const int64_t k1 = std::min(K, k0 + block);
+        // While the first tile reads this block, the next block (or the next panel's first) comes into L2.
+        const char* ahead = k1 < K ? w + k1 * step_bytes : p + 1 < t.p1 ? w + panel_bytes : nullptr;
+        for (const auto& [r, mr] : tiles)
+          run_tile<F, NV>(mr, a + r, k0, k1, w, panel_scales, group, sums + r * NR, k0 == 0, k1 == K,
+                          r == 0 ? ahead : nullptr);
+      }
+      finish(p, t.r0, t.r1 - t.r0, static_cast<const float*>(sums));
+    }
+  }, flops, static_cast<double>(tasks.size()) * panel_bytes);
+}
+
+template <Format F, int NV, typename scalar_t>
+void run_phases(const Shape& s, const Permutation& perm, const float* const* row_ptr, const void* gate_up,
+                const void* down, const float* gate_up_scales, const float* down_scales, const scalar_t* b_gate_up,
+                float* act_rows, float* y_rows) {
+  constexpr int64_t NR = NV * L;
+  const int64_t bytes1 = s.K1 * NR * static_cast<int64_t>(s.weight_bytes);
+  const int64_t bytes2 = s.K2 * NR * static_cast<int64_t>(s.weight_bytes);
+  // Scale groups: 0 without int8 or with one scale per column.
+  const int64_t group1 = gate_up_scales && s.group1 < s.K1 ? s.group1 : 0;
+  const int64_t group2 = down_scales && s.group2 < s.K2 ? s.group2 : 0;
+  const int64_t groups1 = at::divup(s.K1, s.group1), groups2 = at::divup(s.K2, s.group2);
+
+  // Phase A: gate and up, bias, activation -> act_rows.
+  run_phase<F, NV>(
+      plan_tasks(perm.starts, s.E, s.P1, s.K1, bytes1), row_ptr, s.K1, s.P1, static_cast<const char*>(gate_up),
+      bytes1, gate_up_scales, groups1, group1, 2.0 * perm.rows * s.P1 * NR * s.K1,
+      [&](int64_t p, int64_t row0, int64_t rows, const float* sums) {
+        // The panel's bias columns (zero past I), in the tile's column order.
+        alignas(64) float bias[NR];
+        if (b_gate_up) {
+          const scalar_t* b = b_gate_up + perm.row_expert[row0] * (s.gated ? 2 * s.I : s.I);
+          for (int64_t c = 0; c < NR; ++c) {
+            const int64_t unit = p * s.U + (c % s.U);
+            bias[c] = unit < s.I ? static_cast<float>(b[(c >= s.U ? s.I : 0) + unit]) : 0.f;
+          }
+        }
+        for (int64_t j = 0; j < rows; ++j) {
+          const float* pre = sums + j * NR;
+          float* out = act_rows + (row0 + j) * s.Ip + p * s.U;
+          for (int64_t c = 0; c < s.U; c += L) {
+            const int64_t n = std::min(L, s.U - c);
+            Vec g = round_to<scalar_t>(Vec::loadu(pre + c, n));
+            Vec u = s.gated ? round_to<scalar_t>(Vec::loadu(pre + s.U + c, n)) : Vec(0.f);
+            if (b_gate_up) {
+              g = round_to<scalar_t>(g + Vec::loadu(bias + c, n));
+              if (s.gated) u = round_to<scalar_t>(u + Vec::loadu(bias + s.U + c, n));
+            }
+            const Vec y = s.gated ? gated_act(s.activation, g, u) : act(s.activation, g);
+            round_to<scalar_t>(y).store(out + c, n);
+          }
+        }
+      });
+
+  // Phase B: down projection -> y_rows.
+  std::vector<const float*> act_ptr(perm.rows);
+  for (int64_t r = 0; r < perm.rows; ++r) act_ptr[r] = act_rows + r * s.Ip;
+  run_phase<F, NV>(
+      plan_tasks(perm.starts, s.E, s.P2, s.K2, bytes2), act_ptr.data(), s.K2, s.P2, static_cast<const char*>(down),
+      bytes2, down_scales, groups2, group2, 2.0 * perm.rows * s.P2 * NR * s.K2,
+      [&](int64_t p, int64_t row0, int64_t rows, const float* sums) {
+        const int64_t columns = std::min(NR, s.H - p * NR);
+        for (int64_t j = 0; j < rows; ++j) {
+          float* out = y_rows + (row0 + j) * s.H + p * NR;
+          for (int64_t c = 0; c < columns; c += L) {
+            const int64_t n = std::min(L, columns - c);
+            round_to<scalar_t>(Vec::loadu(sums + j * NR + c, n)).store(out + c, n);
+          }
+        }
+      });
+}
+
+template <Format F, typename scalar_t>
+void run_format(const Shape& s, const Permutation& perm, const float* const* row_ptr, const void* gate_up,
+                const void* down, const float* gate_up_scales, const float* down_scales, const scalar_t* b_gate_up,
+                float* act_rows, float* y_rows) {
+  const auto run = [&](auto nv) {
+    run_phases<F, decltype(nv)::value, scalar_t>(s, perm, row_ptr, gate_up, down, gate_up_scales, down_scales,
+                                                 b_gate_up, act_rows, y_rows);
+  };
+  switch (s.NR / L) {
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    default: return run(std::integral_constant<int, 4>{});
+  }
+}
+
+Shape describe(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down,
+               const std::optional<at::Tensor>& gate_up_scales, const std::optional<at::Tensor>& down_scales,
+               int64_t I, int64_t group_size, bool gated, Activation a) {
+  Shape s{};
+  const auto wtype = gate_up.scalar_type();
+  TORCH_CHECK(down.scalar_type() == wtype, "moe_experts_packed: gate_up and down must have one dtype");
+  if (wtype == at::kFloat) {
+    s.format = Format::kFloat;
+  } else if (wtype == at::kBFloat16) {
+    s.format = Format::kBf16Pairs;
+  } else {
+    TORCH_CHECK(wtype == at::kChar, "moe_experts_packed: packed weights must be float32, bfloat16 or int8");
+    s.format = Format::kInt8;
+  }
+  const bool pairs = s.format == Format::kBf16Pairs;
+  const int64_t rank = pairs ? 5 : 4;
+  TORCH_CHECK(gate_up.dim() == rank && down.dim() == rank && (!pairs || (gate_up.size(4) == 2 && down.size(4) == 2)),
+              "moe_experts_packed: packed weights of the wrong rank");
+  TORCH_CHECK(gate_up.is_contiguous() && down.is_contiguous(), "moe_experts_packed: packed weights must be contiguous");
+  s.E = gate_up.size(0), s.P1 = gate_up.size(1), s.NR = gate_up.size(3), s.P2 = down.size(1);
+  s.H = hidden.size(1), s.I = I, s.gated = gated, s.activation = a;
+  s.K1 = gate_up.size(2) * (pairs ? 2 : 1), s.K2 = down.size(2) * (pairs ? 2 : 1);
+  s.U = gated ? s.NR / 2 : s.NR;
+  s.Ip = s.P1 * s.U;
+  s.weight_bytes = gate_up.element_size();
+  TORCH_CHECK((s.NR == 16 || s.NR == 32) && s.NR >= L && down.size(3) == s.NR && down.size(0) == s.E,
+              "moe_experts_packed: panels of 16 or 32 columns, the same for both weights");
+  TORCH_CHECK(s.K1 == (pairs ? s.H + s.H % 2 : s.H), "moe_experts_packed: gate_up was packed for another hidden size");
+  TORCH_CHECK(s.K2 == s.Ip && s.Ip - s.U < I && I <= s.Ip && s.P2 == at::divup(s.H, s.NR),
+              "moe_experts_packed: down does not match gate_up, hidden and the intermediate size");
+  TORCH_CHECK(gate_up_scales.has_value() == (s.format == Format::kInt8) && down_scales.has_value() == gate_up_scales.has_value(),
+              "moe_experts_packed: int8 weights, and only they, take scales");
+  s.group1 = group_size > 0 ? group_size : s.K1;
+  s.group2 = group_size > 0 ? group_size : s.K2;
+  if (gate_up_scales) {
+    TORCH_CHECK(gate_up_scales->scalar_type() == at::kFloat && down_scales->scalar_type() == at::kFloat &&
+                    gate_up_scales->is_contiguous() && down_scales->is_contiguous(),
+                "moe_experts_packed: scales must be contiguous float32");
+    TORCH_CHECK(gate_up_scales->sizes() == at::IntArrayRef({s.E, s.P1, at::divup(s.K1, s.group1), s.NR}) &&
+                    down_scales->sizes() == at::IntArrayRef({s.E, s.P2, at::divup(s.K2, s.group2), s.NR}),
+                "moe_experts_packed: scales do not match the weights and group_size");
+  }
+  return s;
+}
+
+}  // namespace
+
+at::Tensor moe_experts_packed(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down,
+                              const std::optional<at::Tensor>& gate_up_scales,
+                              const std::optional<at::Tensor>& down_scales, int64_t intermediate, int64_t group_size,
+                              const at::Tensor& topk_weights, const at::Tensor& topk_ids, c10::string_view activation,
+                              bool gated, const std::optional<at::Tensor>& b_gate_up,
+                              const std::optional<at::Tensor>& b_down, bool apply_weights_on_input) {
+  TORCH_CHECK(hidden.dim() == 2, "moe_experts_packed: hidden must be [T, H]");
+  const auto dtype = hidden.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "moe_experts_packed: hidden must be float32, bfloat16 or float16");
+  const Activation a = parse_activation(activation, gated);
+  const Shape s = describe(hidden, gate_up, down, gate_up_scales, down_scales, intermediate, group_size, gated, a);
+  const int64_t T = hidden.size(0), H = s.H;
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == T && topk_weights.sizes() == topk_ids.sizes(),
+              "moe_experts_packed: topk_weights and topk_ids must be [T, k]");
+  TORCH_CHECK(s.format != Format::kBf16Pairs || dtype == at::kBFloat16,
+              "moe_experts_packed: bfloat16 panels serve bfloat16 hidden states");
+  const int64_t k = topk_ids.size(1), slots = T * k, width = gated ? 2 * s.I : s.I;
+  const auto ids = topk_ids.contiguous().to(at::kInt);
+  const auto weights = topk_weights.contiguous().to(at::kFloat);
+  at::Tensor bgu, bd;
+  if (b_gate_up) {
+    TORCH_CHECK(b_gate_up->sizes() == at::IntArrayRef({s.E, width}), "moe_experts_packed: b_gate_up must be [E, 2I|I]");
+    bgu = b_gate_up->to(dtype).contiguous();
+  }
+  if (b_down) {
+    TORCH_CHECK(b_down->sizes() == at::IntArrayRef({s.E, H}), "moe_experts_packed: b_down must be [E, H]");
+    bd = b_down->to(dtype).contiguous();
+  }
+  auto out = at::empty({T, H}, hidden.options());
+  const int32_t* id_ptr = ids.const_data_ptr<int32_t>();
+  const Permutation perm = permute(id_ptr, slots, s.E, hidden.options());
+  if (T == 0) return out;
+  const int64_t rows = perm.rows;
+  const auto float_options = hidden.options().dtype(at::kFloat);
+  const float* w_ptr = weights.const_data_ptr<float>();
+
+  const auto dispatch = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    {
+      // The input rows of phase A as float pointers: hidden's own rows when it is float32 and used as it is;
+      // otherwise a float copy (per token, or per slot when the routing weight scales the input), zero-padded
+      // to the panels' K.
+      std::vector<const float*> row_ptr(rows);
+      const int32_t* sorted = perm.sorted.const_data_ptr<int32_t>();
+      at::Tensor x_rows;
+      if (std::is_same_v<scalar_t, float> && !apply_weights_on_input && hidden.stride(1) == 1) {
+        const float* x = reinterpret_cast<const float*>(hidden.const_data_ptr<scalar_t>());
+        for (int64_t r = 0; r < rows; ++r) row_ptr[r] = x + (sorted[r] / k) * hidden.stride(0);
+      } else {
+        const auto x = hidden.contiguous();
+        const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+        const int64_t n = apply_weights_on_input ? rows : T;
+        x_rows = scratch(1, n, s.K1, float_options);
+        float* dst = x_rows.data_ptr<float>();
+        at::parallel_for(0, n, std::max<int64_t>(1, 65536 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t slot = apply_weights_on_input ? sorted[r] : r * k;
+            const scalar_t* src = x_ptr + (slot / k) * H;
+            float* row = dst + r * s.K1;
+            if (apply_weights_on_input) {
+              const float w = w_ptr[slot];
+              for (int64_t h = 0; h < H; ++h)
+                row[h] = static_cast<float>(static_cast<scalar_t>(static_cast<float>(src[h]) * w));
+            } else {
+              at::vec::convert(src, row, H);
+            }
+            std::fill(row + H, row + s.K1, 0.f);
+          }
+        });
+        for (int64_t r = 0; r < rows; ++r) row_ptr[r] = dst + (apply_weights_on_input ? r : sorted[r] / k) * s.K1;
+      }
+      auto act_rows = scratch(2, rows, s.Ip, float_options);
+      auto y_rows = scratch(3, rows, H, float_options);
+      const scalar_t* bias = bgu.defined() ? bgu.const_data_ptr<scalar_t>() : nullptr;
+      const float* scales1 = gate_up_scales ? gate_up_scales->const_data_ptr<float>() : nullptr;
+      const float* scales2 = down_scales ? down_scales->const_data_ptr<float>() : nullptr;
+      const auto run = [&](auto fn) {
+        fn(s, perm, row_ptr.data(), gate_up.const_data_ptr(), down.const_data_ptr(), scales1, scales2, bias,
+           act_rows.data_ptr<float>(), y_rows.data_ptr<float>());
+      };
+      switch (s.format) {
+        case Format::kFloat: run(run_format<Format::kFloat, scalar_t>); break;
+        case Format::kBf16Pairs: run(run_format<Format::kBf16Pairs, scalar_t>); break;
+        case Format::kInt8: run(run_format<Format::kInt8, scalar_t>); break;
+      }
+      combine(y_rows.const_data_ptr<float>(), bd.defined() ? bd.const_data_ptr<scalar_t>() : nullptr, id_ptr,
+              perm.position.const_data_ptr<int32_t>(), w_ptr, apply_weights_on_input, T, k, H,
+              out.data_ptr<scalar_t>());
+    }
+  };
+  if (dtype == at::kFloat) {
+    dispatch(float{});
+  } else if (dtype == at::kBFloat16) {
+    dispatch(at::BFloat16{});
+  } else {
+    dispatch(at::Half{});
+  }
+  return out;
+}
+
+}  // namespace netmerge::cpu::NETMERGE_ISA
