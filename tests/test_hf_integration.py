@@ -534,3 +534,23 @@ def test_load_balancing_loss_equals_transformers(masked):
     theirs = load_balancing_loss_func(out.router_logits, E, k, mask if masked else None)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours, out.aux_loss, rtol=1e-6, atol=1e-6)
+
+
+def test_enable_under_a_float16_default_dtype_patches_the_experts():
+    """transformers' test_keep_in_fp32_modules_strict_also_hardcode_fp32 builds its model under a float16 default
+    dtype (``local_torch_dtype``): enable's check of the experts made its routing weights in that default dtype,
+    which moe_experts refuses, and left every experts module on transformers' code."""
+    from transformers.modeling_utils import local_torch_dtype
+
+    config = TESTER_CONFIGS["mixtral"]()
+    ids = input_ids(seed=15)
+    with local_torch_dtype(torch.float16, "MixtralForCausalLM"):
+        torch.manual_seed(0)
+        model = transformers.MixtralForCausalLM(config).eval()
+        model.set_experts_implementation("eager")
+        with torch.no_grad():
+            expected = model(ids).logits
+        report = hf.enable(model)
+    assert not report.skipped and len(report.experts) == len(report.routers) == moe_layers(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-2, atol=1e-3)

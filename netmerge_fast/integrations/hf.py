@@ -240,7 +240,7 @@ def _check_experts(module: nn.Module, plan: _ExpertsPlan) -> str | None:
     if reason:
         return reason
     hidden = first.new_empty(0, first.shape[1] if module.is_transposed else first.shape[2])
-    none = torch.empty(0, 1, device=first.device)
+    none = torch.empty(0, 1, device=first.device, dtype=torch.float32)  # not the default dtype: a test may set it
     try:
         moe_experts(
             hidden, first, down, none, none.long(), activation=plan.activation, gated=module.has_gate,
