@@ -15,7 +15,6 @@ from netmerge_fast.packed_experts import PackedExperts
 __all__ = ["ACTIVATIONS", "moe_align", "moe_experts"]
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
-_MAX_SLOTS = 2**31 - 1  # slot numbers and sorted positions are int32
 
 
 def moe_align(
@@ -54,8 +53,8 @@ def moe_align(
     if block_size is not None:
         _checks.integer("block_size", block_size, low=1)
     capacity = topk_ids.numel() + (num_experts * (block_size - 1) if block_size else 0)
-    if capacity > _MAX_SLOTS:
-        raise ValueError(f"topk_ids has too many slots for int32 positions: {capacity} > {_MAX_SLOTS}")
+    if capacity > _checks.MAX_SLOTS:
+        raise ValueError(f"topk_ids has too many slots for int32 positions: {capacity} > {_checks.MAX_SLOTS}")
     chosen = resolve("moe_align", backend, topk_ids.device, torch.float32)
     if chosen == "torch":
         return reference.moe_align(topk_ids, num_experts, block_size)
@@ -238,24 +237,8 @@ def _validate(
         if t.dtype != hidden.dtype:
             raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {t.dtype}")
         _checks.same_device(name, t, "hidden", hidden)
-    if topk_weights.shape != topk_ids.shape:
-        raise ValueError(
-            f"topk_weights and topk_ids must have the same shape [T, k], got {list(topk_weights.shape)} and "
-            f"{list(topk_ids.shape)}"
-        )
-    if topk_ids.shape[0] != T:
-        raise ValueError(f"topk_ids must have one row per token of hidden (T={T}), got {topk_ids.shape[0]}")
-    if topk_weights.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"topk_weights must be float32 (float64 with float64 hidden), got {topk_weights.dtype}")
-    if topk_ids.numel() > _MAX_SLOTS:
-        raise ValueError(f"T * k must be below 2^31, got {topk_ids.numel()}")
-    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
-        _checks.same_device(name, t, "hidden", hidden)
     # A value check costs a host sync: done for CPU tensors in eager mode (the C++ kernel checks again).
-    if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
-        low, high = (v.item() for v in torch.aminmax(topk_ids))
-        if low < -1 or high >= E:
-            raise ValueError(f"topk_ids must be in [-1, E={E}) (-1: routed nowhere), got values in [{low}, {high}]")
+    _checks.routing(topk_weights, topk_ids, tokens=T, num_experts=E, like=hidden, like_name="hidden")
     for name, bias, shape in (("b_gate_up", b_gate_up, (E, width)), ("b_down", b_down, (E, H))):
         if bias is None:
             continue
