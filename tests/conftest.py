@@ -35,3 +35,28 @@ def device_for(backend):
     if backend in ("triton", "cuda") and torch.cuda.is_available():
         return "cuda"
     return "cpu"
+
+
+ROUTING_EDGE_CASES = [
+    "all_to_one_expert",
+    "experts_without_tokens",
+    "routed_nowhere",
+    "row_routed_nowhere",
+    "repeated_id",
+]
+
+
+def routing_edge_case_ids(case, gen, T, k, E):
+    """[T, k] expert ids for one of ROUTING_EDGE_CASES (E >= 6)."""
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    if case == "all_to_one_expert":
+        ids = torch.full((T, k), 3)
+    elif case == "experts_without_tokens":
+        ids = torch.where(ids < 4, 0, 5)
+    elif case == "routed_nowhere":
+        ids[::3, 1] = -1
+    elif case == "row_routed_nowhere":
+        ids[4] = -1
+    else:
+        ids[:, 1] = ids[:, 0]  # the same expert twice for a token: both slots count
+    return ids

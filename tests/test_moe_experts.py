@@ -10,7 +10,7 @@ import torch
 import netmerge_fast as nf
 from netmerge_fast import reference
 from netmerge_fast.dispatch import ACTIVATIONS
-from tests.conftest import available_backends, device_for
+from tests.conftest import ROUTING_EDGE_CASES, available_backends, device_for, routing_edge_case_ids
 
 BACKENDS = available_backends(["torch", "cpu", "triton"])
 FUSED = [b for b in BACKENDS if b != "torch"]
@@ -145,22 +145,10 @@ def test_activations_biases_and_weights_on_input(activation, gated, bias, apply_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "case", ["all_to_one_expert", "experts_without_tokens", "routed_nowhere", "row_routed_nowhere", "repeated_id"]
-)
+@pytest.mark.parametrize("case", ROUTING_EDGE_CASES)
 def test_routing_edge_cases(case, backend, gen):
     T, k, E = 30, 2, 8
-    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
-    if case == "all_to_one_expert":
-        ids = torch.full((T, k), 3)
-    elif case == "experts_without_tokens":
-        ids = torch.where(ids < 4, 0, 5)
-    elif case == "routed_nowhere":
-        ids[::3, 1] = -1
-    elif case == "row_routed_nowhere":
-        ids[4] = -1
-    else:
-        ids[:, 1] = ids[:, 0]  # the same expert twice for a token: both slots count
+    ids = routing_edge_case_ids(case, gen, T, k, E)
     args, kwargs = make_inputs(gen, T, k, E, 16, 8, ids=ids)
     out = check(backend, args, kwargs)
     if case == "row_routed_nowhere":
