@@ -300,7 +300,7 @@ class SparseMoE(nn.Module):
         self.router_logits: torch.Tensor | None = None
         self.topk_ids: torch.Tensor | None = None
         self.dispatched_ids: torch.Tensor | None = None
-        self.router_stats: RouterStats | None = None
+        self._stats: tuple | RouterStats | None = None  # the last forward's (ids, load, dropped), or its stats
         self._replaying: Iterator[torch.Tensor] | None = None
         self._recording: list[torch.Tensor] | None = None
         # Checks the routing arguments once, at construction.
@@ -320,8 +320,7 @@ class SparseMoE(nn.Module):
                 raise RuntimeError("moe.replay(...): more forward calls than recorded routings")
         routing = dict(self._routing_args(), backend=self.backend)
         weights, ids = topk_gating(logits, self.top_k, **routing, replay_ids=replay_ids)
-        load = expert_counts(ids, self.num_experts)
-        dispatched, dropped = ids, torch.zeros_like(load)
+        dispatched, dropped = ids, None
         capacity = expert_capacity(flat.shape[0], self.top_k, self.num_experts, self.capacity_factor)
         if capacity is not None:
             priority = slot_probabilities(logits, ids, routing) if self.capacity_order == "score" else None
@@ -336,12 +335,28 @@ class SparseMoE(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
             out = out + shared
         self.router_logits, self.topk_ids, self.dispatched_ids = logits, ids, dispatched
-        self.router_stats = RouterStats(load, dropped, load_cv(load))
+        # The statistics are made when read (router_stats): a decode step does not pay their half-dozen small ops.
+        load = None
         if self.training and hasattr(self, "expert_load"):
+            load = expert_counts(ids, self.num_experts)
             self.expert_load.add_(load)
+        self._stats = (ids, load, dropped)
         if self._recording is not None:
             self._recording.append(ids.detach())
         return out.reshape(shape)
+
+    @property
+    def router_stats(self) -> RouterStats | None:
+        """The last forward's ``RouterStats`` (None before the first), computed from its routing when read."""
+        if self._stats is None or isinstance(self._stats, RouterStats):
+            return self._stats
+        ids, load, dropped = self._stats
+        if load is None:
+            load = expert_counts(ids, self.num_experts)
+        if dropped is None:
+            dropped = torch.zeros_like(load)
+        self._stats = RouterStats(load, dropped, load_cv(load))
+        return self._stats
 
     def quantize_experts(self, mode: str | None = "int8", *, group_size: int | None = None) -> None:
         """Run the experts on int8 weights (see ``MoEExperts.quantize_experts``); ``None`` undoes it."""
