@@ -436,13 +436,11 @@ def run(
             f"hidden must be [T, H={packed.hidden_size}] for these packed experts, got {list(hidden.shape)}"
         )
     _checks.same_device("hidden", hidden, "the packed experts", packed.gate_up)
-    # The routing and bias checks of moe_experts, with zero-byte stand-ins of the weights' shapes.
-    E, H, inter = packed.num_experts, packed.hidden_size, packed.intermediate_size
-    stand_in = hidden.new_empty(())
-    dispatch._validate(
-        hidden, stand_in.expand(E, 2 * inter if gated else inter, H), stand_in.expand(E, H, inter), topk_weights,
-        topk_ids, activation, gated, b_gate_up, b_down,
-    )  # fmt: skip
+    # The activation, routing and bias checks of moe_experts (the packed weights' shapes are known).
+    dispatch._validate_activation(activation, gated)
+    inter = packed.intermediate_size
+    width = 2 * inter if gated else inter
+    dispatch._validate_routing_and_biases(hidden, packed.num_experts, width, topk_weights, topk_ids, b_gate_up, b_down)
     return run_validated(
         hidden, packed, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, apply_weights_on_input, backend
     )
