@@ -373,7 +373,7 @@ float lanes_sum(Vec v) {
 }
 
 // The best and second best of a group's float keys (size >= 2 when called), from lane-wise maxima.
-void group_top2(const float* key, int64_t size, float& best, float& second) {
+[[gnu::always_inline]] inline void group_top2(const float* key, int64_t size, float& best, float& second) {
   best = second = K::neg_inf();
   int64_t e = 0;
   if (size >= R) {
@@ -585,10 +585,20 @@ void route_row(const scalar_t* src, int64_t col_stride, const Config& c, RowScra
     }
     // The best topk_groups groups by (score, lower index); the others' experts rank behind every allowed one,
     // in index order (kDisallowed), and fill the slots the allowed groups cannot (kernels/topk_gating.h).
-    std::partial_sort(s.group_ranks.begin(), s.group_ranks.begin() + c.topk_groups, s.group_ranks.end(),
-                      std::greater<>());
-    std::fill(s.group_keep.begin(), s.group_keep.end(), 0);
-    for (int64_t i = 0; i < c.topk_groups; ++i) s.group_keep[K::index_of_rank(s.group_ranks[i])] = 1;
+    // Few groups: kept where fewer than topk_groups ranks are ahead (branch-free); many: a partial sort.
+    const int64_t* ranks = s.group_ranks.data();
+    if (G <= 32) {
+      for (int64_t g = 0; g < G; ++g) {
+        int64_t ahead = 0;
+        for (int64_t h = 0; h < G; ++h) ahead += ranks[h] > ranks[g];
+        s.group_keep[g] = ahead < c.topk_groups;
+      }
+    } else {
+      std::partial_sort(s.group_ranks.begin(), s.group_ranks.begin() + c.topk_groups, s.group_ranks.end(),
+                        std::greater<>());
+      std::fill(s.group_keep.begin(), s.group_keep.end(), 0);
+      for (int64_t i = 0; i < c.topk_groups; ++i) s.group_keep[K::index_of_rank(s.group_ranks[i])] = 1;
+    }
     for (int64_t g = 0; g < G; ++g)
       if (!s.group_keep[g]) std::fill(ord + g * size, ord + (g + 1) * size, kDisallowed);
   }
