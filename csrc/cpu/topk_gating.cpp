@@ -344,6 +344,7 @@ struct RowScratch {
     chunk_max.resize(chunks * R);
     group_ranks.resize(c.num_groups);
     group_keep.resize(c.num_groups);
+    kept_vectors.resize(vectors);
     slot.resize(c.k + 1);
     chosen.resize(chunks * R);
   }
@@ -354,6 +355,7 @@ struct RowScratch {
   std::vector<int32_t> chunk_max;
   std::vector<int64_t> group_ranks;
   std::vector<char> group_keep;
+  std::vector<int32_t> kept_vectors;  // the chosen groups' vectors (groups of whole vectors)
   std::vector<int32_t> slot;  // slot[k]: where candidates ranked k or lower land
   std::vector<float> chosen;
 };
@@ -402,11 +404,13 @@ float lanes_sum(Vec v) {
 // largest of the lanes' best and second-best keys (distinct experts), by sorting both registers and merging
 // their top halves; otherwise the k-th largest of k chunk maxima. Never below kDisallowed, so padding
 // (kTaken) never qualifies and, when fewer than k keys are real, every expert does.
-int32_t selection_threshold(const int32_t* ord, int64_t V, int64_t k, RowScratch& s) {
+// The vectors read are ord + vectors[i] * R (all V when vectors is null).
+int32_t selection_threshold(const int32_t* ord, const int32_t* vectors, int64_t V, int64_t k, RowScratch& s) {
+  auto vector_at = [&](int64_t i) { return ord + (vectors ? vectors[i] : i) * R; };
   if (k <= R) {
     Lanes best = splat(kTaken), second = splat(kTaken);
     for (int64_t i = 0; i < V; ++i) {
-      const Lanes v = load_lanes(ord + i * R);
+      const Lanes v = load_lanes(vector_at(i));
       second = max_lanes(second, min_lanes(best, v));
       best = max_lanes(best, v);
     }
@@ -420,7 +424,7 @@ int32_t selection_threshold(const int32_t* ord, int64_t V, int64_t k, RowScratch
   std::fill(chunk, chunk + M * R, kTaken);
   for (int64_t i = 0; i < V; ++i) {
     int32_t* acc = chunk + (i % M) * R;
-    store_lanes(acc, max_lanes(load_lanes(ord + i * R), load_lanes(acc)));
+    store_lanes(acc, max_lanes(load_lanes(vector_at(i)), load_lanes(acc)));
   }
   std::nth_element(chunk, chunk + (k - 1), chunk + M * R, std::greater<>());
   return std::max(chunk[k - 1], kDisallowed);
@@ -604,11 +608,27 @@ void route_row(const scalar_t* src, int64_t col_stride, const Config& c, RowScra
   }
 
   // The candidates {key >= t}, in index order, then their ranks.
-  const int32_t t = selection_threshold(ord, V, c.k, s);
+  // With groups of whole vectors only the chosen groups' vectors are read, unless they hold too few experts
+  // (the bound then falls to kDisallowed and every expert is a candidate).
+  const int32_t* vectors = nullptr;
+  int64_t count = V;
+  if (G > 1 && (E / G) % R == 0) {
+    int32_t* kept = s.kept_vectors.data();
+    count = 0;
+    for (int64_t g = 0, per_group = E / G / R; g < G; ++g)
+      if (s.group_keep[g])
+        for (int64_t i = g * per_group; i < (g + 1) * per_group; ++i) kept[count++] = static_cast<int32_t>(i);
+    vectors = kept;
+  }
+  int32_t t = selection_threshold(ord, vectors, count, c.k, s);
+  if (t == kDisallowed && vectors != nullptr) vectors = nullptr, count = V;
   int32_t* cand_key = s.candidate_key.data();
   int32_t* cand_id = s.candidate_id.data();
   int64_t n = 0;
-  for (int64_t i = 0; i < V; ++i) n += compact(load_lanes(ord + i * R), t, static_cast<int32_t>(i * R), cand_key + n, cand_id + n);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t v = vectors ? vectors[i] : i;
+    n += compact(load_lanes(ord + v * R), t, static_cast<int32_t>(v * R), cand_key + n, cand_id + n);
+  }
   int32_t* slot = s.slot.data();
   if (n <= 2 * R) {
     rank_two_registers(cand_key, cand_id, n, c.k, slot);
