@@ -207,15 +207,10 @@ def _validate(
     _checks.tensor("hidden", hidden, dim=2, floating=True)
     _checks.tensor("w_gate_up", w_gate_up, dim=3, floating=True)
     _checks.tensor("w_down", w_down, dim=3, floating=True)
-    _checks.tensor("topk_weights", topk_weights, dim=2, floating=True)
-    _checks.tensor("topk_ids", topk_ids, dim=2, integer=True)
-    _checks.choice("activation", activation, ACTIVATIONS)
-    _checks.boolean("gated", gated)
-    if activation == "swiglu_oai" and not gated:
-        raise ValueError("activation='swiglu_oai' needs gated=True")
+    _validate_activation(activation, gated)
     if gate_up_interleaved and not gated:
         raise ValueError("gate_up_interleaved=True needs gated=True")
-    T, H = hidden.shape
+    H = hidden.shape[1]
     gate_up, down = _linear_layout(w_gate_up, w_down, transposed)
     E, inter = down.shape[0], down.shape[2]
     width = 2 * inter if gated else inter
@@ -237,6 +232,19 @@ def _validate(
         if t.dtype != hidden.dtype:
             raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {t.dtype}")
         _checks.same_device(name, t, "hidden", hidden)
+    _validate_routing_and_biases(hidden, E, width, topk_weights, topk_ids, b_gate_up, b_down)
+
+
+def _validate_activation(activation, gated) -> None:
+    _checks.choice("activation", activation, ACTIVATIONS)
+    _checks.boolean("gated", gated)
+    if activation == "swiglu_oai" and not gated:
+        raise ValueError("activation='swiglu_oai' needs gated=True")
+
+
+def _validate_routing_and_biases(hidden, E, width, topk_weights, topk_ids, b_gate_up, b_down) -> None:
+    """The checks of a call on E experts of first-projection width ``width`` (the weights' own are done)."""
+    T, H = hidden.shape
     # A value check costs a host sync: done for CPU tensors in eager mode (the C++ kernel checks again).
     _checks.routing(topk_weights, topk_ids, tokens=T, num_experts=E, like=hidden, like_name="hidden")
     for name, bias, shape in (("b_gate_up", b_gate_up, (E, width)), ("b_down", b_down, (E, H))):

@@ -191,29 +191,161 @@ def pack_experts(
 class PackCache:
     """The packed copy of a module's two expert weight tensors, made on first use and again whenever either
     changes: its storage, its version counter (bumped by every in-place write: optimizer steps,
-    ``load_state_dict``'s ``copy_``), its layout or dtype, or the machine's panel width."""
+    ``load_state_dict``'s ``copy_``), its layout or dtype, or the machine's panel width. Frozen (the weights were
+    released, see ``release_weights``) it only hands out its copy."""
 
     def __init__(self) -> None:
         self.packed: PackedExperts | None = None
         self._key: tuple | None = None
+        self.frozen = False
+
+    @staticmethod
+    def _key_of(w_gate_up, w_down, quantize, group_size, layout) -> tuple:
+        layout = tuple(sorted({"transposed": False, "gate_up_interleaved": False, **layout}.items()))
+        return (quantize, group_size, layout, default_panel(), *map(_identity, (w_gate_up, w_down)))
 
     def get(
         self, w_gate_up: torch.Tensor, w_down: torch.Tensor, *, quantize: str | None = None,
         group_size: int | None = None, **layout: bool,
     ) -> PackedExperts:  # fmt: skip
-        key = (quantize, group_size, tuple(layout.items()), default_panel(), *map(_identity, (w_gate_up, w_down)))
+        if self.frozen and torch.compiler.is_compiling():
+            return self.packed  # a trace takes the fixed copy (the host-side identity checks do not trace)
+        key = self._key_of(w_gate_up, w_down, quantize, group_size, layout)
+        if self.frozen:
+            if key != self._key:
+                raise RuntimeError(
+                    "the expert weights were released after packing (release_weights): they cannot be converted, "
+                    "moved or packed another way (dtype, device, quantisation, instruction set); restore them first "
+                    "(restore_weights(), or hf.disable(model))"
+                )
+            return self.packed
         if self.packed is None or key != self._key:
             self.clear()  # frees the stale copy before the new one is made
             self.packed = pack_experts(w_gate_up, w_down, quantize=quantize, group_size=group_size, **layout)
             self._key = key
         return self.packed
 
+    def freeze(self, w_gate_up, w_down, *, quantize=None, group_size=None, **layout) -> None:
+        """Keep the current copy for these (placeholder) weights and these options only."""
+        self._key, self.frozen = self._key_of(w_gate_up, w_down, quantize, group_size, layout), True
+
     def clear(self) -> None:
         self.packed = self._key = None
+        self.frozen = False
 
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes if self.packed is not None else 0
+
+
+# --- releasing the original weights after packing ------------------------------------------------------------------
+
+_RELEASED = "_netmerge_released"
+
+
+@dataclass
+class _Release:
+    """What a module whose expert weights were released needs to give them back."""
+
+    names: tuple[str, str]
+    cache: PackCache
+    options: dict  # quantize, group_size, transposed, gate_up_interleaved
+    requires_grad: tuple[bool, bool]
+
+
+def release_weights(
+    module: torch.nn.Module, cache: PackCache, names: tuple[str, str] = ("gate_up_proj", "down_proj"), *,
+    quantize: str | None = None, group_size: int | None = None, transposed: bool = False,
+    gate_up_interleaved: bool = False,
+) -> PackedExperts:  # fmt: skip
+    """Pack the module's two expert weight parameters into ``cache`` and free them (inference on CPU only).
+
+    The parameters are replaced by ``meta`` placeholders of the same shape and dtype (``requires_grad=False``), so
+    the memory of the weights is returned once nothing else holds them (an optimizer, a tied module, the caller).
+    ``state_dict()`` gives the weights back from the pack (exactly for float packs; int8: the dequantised
+    weights), ``load_state_dict`` restores, loads, and releases again; ``restore_weights`` undoes this. Raises
+    ``ValueError`` for weights that are not float32/bfloat16/float16 CPU tensors.
+    """
+    if is_released(module):
+        restore_weights(module)
+    weights = tuple(module._parameters[name] for name in names)
+    for name, w in zip(names, weights, strict=True):
+        if not packable(w):
+            got = "None" if w is None else f"{w.dtype} on {w.device}"
+            raise ValueError(
+                f"release_weights needs the experts' {name} as a float32/bfloat16/float16 CPU tensor (the packed "
+                f"CPU kernels serve only those), got {got}"
+            )
+    options = dict(
+        quantize=quantize, group_size=group_size, transposed=transposed, gate_up_interleaved=gate_up_interleaved
+    )
+    packed = cache.get(*weights, **options)
+    placeholders = [torch.nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False) for w in weights]
+    module._parameters.update(zip(names, placeholders, strict=True))
+    cache.freeze(*placeholders, **options)
+    if not module.__dict__.get("_netmerge_release_hooks"):
+        # Registered once and left in place (they do nothing while the weights are not released): a hook removed
+        # while load_state_dict runs the module's hooks would change the dict it iterates.
+        module.register_state_dict_post_hook(_state_dict_of_released)
+        module.register_load_state_dict_pre_hook(_restore_before_load)
+        module.register_load_state_dict_post_hook(_release_after_load)
+        module.__dict__["_netmerge_release_hooks"] = True
+    requires_grad = tuple(w.requires_grad for w in weights)
+    module.__dict__[_RELEASED] = _Release(names, cache, options, requires_grad)
+    return packed
+
+
+def packable(weight: torch.Tensor | None) -> bool:
+    """Whether ``release_weights`` can pack this weight: a float32/bfloat16/float16 CPU tensor."""
+    return weight is not None and weight.device.type == "cpu" and weight.dtype in _PACKABLE
+
+
+def is_released(module: torch.nn.Module) -> bool:
+    """Whether ``release_weights`` freed this module's expert weights (and ``restore_weights`` did not undo it)."""
+    return _RELEASED in module.__dict__
+
+
+def restore_weights(module: torch.nn.Module) -> _Release | None:
+    """Give a released module its weight parameters back, from the pack (exactly for float packs; int8: the
+    dequantised weights in the original dtype). Returns what ``release_weights`` recorded (None if the module was
+    not released)."""
+    record = module.__dict__.pop(_RELEASED, None)
+    if record is None:
+        return None
+    tensors = _unpacked(module, record)
+    for name, tensor, grad in zip(record.names, tensors, record.requires_grad, strict=True):
+        module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=grad)
+    record.cache.clear()
+    return record
+
+
+def _unpacked(module: torch.nn.Module, record: _Release) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released weights in the module's own layout and dtype, rebuilt from the pack."""
+    w_gate_up, w_down = record.cache.packed.unpack()
+    if record.options["gate_up_interleaved"]:
+        inter = w_down.shape[2]
+        w_gate_up = torch.stack([w_gate_up[:, :inter], w_gate_up[:, inter:]], dim=2).flatten(1, 2)
+    if record.options["transposed"]:
+        w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
+    dtypes = (module._parameters[name].dtype for name in record.names)
+    return tuple(w.to(dtype).contiguous() for w, dtype in zip((w_gate_up, w_down), dtypes, strict=True))
+
+
+def _state_dict_of_released(module, state_dict, prefix, local_metadata) -> None:
+    record = module.__dict__.get(_RELEASED)
+    if record is not None:
+        for name, tensor in zip(record.names, _unpacked(module, record), strict=True):
+            state_dict[prefix + name] = tensor
+
+
+def _restore_before_load(module, state_dict, prefix, *_args) -> None:
+    module.__dict__["_netmerge_release_after_load"] = restore_weights(module)
+
+
+def _release_after_load(module, incompatible_keys) -> None:
+    record = module.__dict__.pop("_netmerge_release_after_load", None)
+    if record is not None:
+        release_weights(module, record.cache, record.names, **record.options)
 
 
 def _identity(t: torch.Tensor) -> tuple:
@@ -304,13 +436,11 @@ def run(
             f"hidden must be [T, H={packed.hidden_size}] for these packed experts, got {list(hidden.shape)}"
         )
     _checks.same_device("hidden", hidden, "the packed experts", packed.gate_up)
-    # The routing and bias checks of moe_experts, with zero-byte stand-ins of the weights' shapes.
-    E, H, inter = packed.num_experts, packed.hidden_size, packed.intermediate_size
-    stand_in = hidden.new_empty(())
-    dispatch._validate(
-        hidden, stand_in.expand(E, 2 * inter if gated else inter, H), stand_in.expand(E, H, inter), topk_weights,
-        topk_ids, activation, gated, b_gate_up, b_down,
-    )  # fmt: skip
+    # The activation, routing and bias checks of moe_experts (the packed weights' shapes are known).
+    dispatch._validate_activation(activation, gated)
+    inter = packed.intermediate_size
+    width = 2 * inter if gated else inter
+    dispatch._validate_routing_and_biases(hidden, packed.num_experts, width, topk_weights, topk_ids, b_gate_up, b_down)
     return run_validated(
         hidden, packed, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, apply_weights_on_input, backend
     )
@@ -325,7 +455,8 @@ def run_validated(
         what = "int8" if packed.quantize else "packed"
         raise NotImplementedError(
             f"moe_experts on {what} experts is inference only: no gradient flows through packed weights. Run it "
-            "under torch.no_grad() (or inference_mode), or pass the weight tensors to train"
+            "under torch.no_grad() (or inference_mode), or pass the weight tensors to train (a module whose weights "
+            "were released: restore_weights() first)"
         )
     chosen = resolve("moe_experts_packed", backend, hidden.device, hidden.dtype)
     if chosen == "torch":

@@ -311,3 +311,145 @@ def test_hf_model_on_int8_experts_logits_and_greedy_tokens(gen):
     assert change < 0.05
     with pytest.raises(ValueError, match="quantize_experts must be one of"):
         hf.enable(model, quantize_experts="fp4")
+
+
+# --- release_weights: one copy of the expert weights (the packed one) -------------------------------------------
+
+
+def _weight_bytes(module):
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.device.type != "meta")
+
+
+@NATIVE
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_released_weights_are_freed_and_give_the_same_answers(bias, dtype, gen):
+    import gc
+    import weakref
+
+    moe = _layer(0, bias=bias).to(dtype).eval()
+    x = torch.randn(9, 32, generator=gen).to(dtype)
+    with torch.no_grad():
+        expected = moe(x)
+        state = {k: v.clone() for k, v in moe.state_dict().items()}
+        before = _weight_bytes(moe)
+        originals = [weakref.ref(moe.experts.gate_up_proj), weakref.ref(moe.experts.down_proj)]
+        moe.release_expert_weights()
+        gc.collect()
+        assert moe.experts.weights_released and all(ref() is None for ref in originals), "the weights are freed"
+        for name in ("gate_up_proj", "down_proj"):
+            p = getattr(moe.experts, name)
+            assert p.device.type == "meta" and p.dtype == dtype and p.shape == state[f"experts.{name}"].shape
+        experts_bytes = sum(state[f"experts.{n}"].numel() for n in ("gate_up_proj", "down_proj")) * x.element_size()
+        assert before - _weight_bytes(moe) == experts_bytes
+        assert torch.equal(moe(x), expected), "the same packed copy runs"
+        got = moe.state_dict()
+        assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state), "exact for float"
+    moe.restore_expert_weights()
+    assert not moe.experts.weights_released and moe.experts.gate_up_proj.requires_grad
+    assert all(torch.equal(v, state[k]) for k, v in moe.state_dict().items())
+
+
+@NATIVE
+def test_released_weights_follow_load_state_dict_to_and_quantize(gen):
+    import io
+
+    moe, other = _layer(0).eval(), _layer(1).eval()
+    x = torch.randn(20, 32, generator=gen)
+    with torch.no_grad():
+        moe.release_expert_weights()
+        moe.load_state_dict(other.state_dict())  # restored, loaded, released again
+        assert moe.experts.weights_released
+        assert torch.equal(moe(x), other(x))
+        moe.to(torch.bfloat16)
+        other_bf16 = _layer(1).eval().to(torch.bfloat16)
+        assert moe.experts.weights_released and moe.experts.gate_up_proj.dtype == torch.bfloat16
+        assert torch.equal(moe(x.bfloat16()), other_bf16(x.bfloat16()))
+        buffer = io.BytesIO()
+        torch.save(moe, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert loaded.experts.weights_released and torch.equal(loaded(x.bfloat16()), moe(x.bfloat16()))
+        moe.to(torch.float64)  # no packed kernel serves float64: the weights stay restored
+        assert not moe.experts.weights_released and moe.experts.gate_up_proj.dtype == torch.float64
+        moe.to(torch.float32)
+        moe.release_expert_weights()
+        moe.quantize_experts("int8", group_size=8)
+        assert moe.experts.weights_released and moe.experts.packed().quantize == "int8"
+        int8 = moe(x)
+        packed = moe.experts.packed()
+        dequantised = dict(zip(("experts.gate_up_proj", "experts.down_proj"), packed.unpack(), strict=True))
+        state = moe.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in dequantised.items()), "int8: the dequantised weights"
+        moe.quantize_experts(None)  # back to float, from the dequantised weights, still released
+        assert moe.experts.weights_released and moe.experts.packed().quantize is None
+        torch.testing.assert_close(moe(x), int8, rtol=1e-5, atol=1e-5)
+
+
+@NATIVE
+def test_released_weights_refuse_a_gradient_and_bad_weights(gen):
+    moe = _layer(0)
+    x = torch.randn(5, 32, generator=gen, requires_grad=True)
+    moe.release_expert_weights()
+    with pytest.raises(NotImplementedError, match=r"restore_weights\(\) first"):
+        moe(x)
+    moe.restore_expert_weights()
+    moe(x).sum().backward()  # trains again on the restored parameters
+    assert moe.experts.gate_up_proj.grad is not None
+    moe.to(torch.float64)
+    with pytest.raises(ValueError, match="gate_up_proj as a float32/bfloat16/float16 CPU tensor"):
+        moe.release_expert_weights()
+    cache = nf.packed_experts.PackCache()
+    moe.to(torch.float32)
+    nf.packed_experts.release_weights(moe.experts, cache)
+    with pytest.raises(RuntimeError, match="released after packing"):
+        cache.get(moe.experts.gate_up_proj, moe.experts.down_proj, quantize="int8")
+
+
+@NATIVE
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_hf_enable_releases_the_expert_weights(family):
+    """hf.enable(release_weights=True): the same logits as enable alone, the weight parameters freed, state_dict and
+    disable give the weights back exactly (GPT-OSS: its transposed, interleaved layout), .to() after is refused."""
+    pytest.importorskip("transformers", minversion="5.0")
+    from netmerge_fast.integrations import hf
+    from tests.test_hf_integration import input_ids, tiny_model
+
+    model = tiny_model(family)
+    ids = input_ids()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        hf.enable(model)
+        expected = model(ids).logits
+        report = hf.enable(model, release_weights=True)
+        released = [m for m in model.modules() if nf.packed_experts.is_released(m)]
+        assert report.experts and len(released) == len(report.experts)
+        assert all(m.down_proj.device.type == "meta" for m in released)
+        assert torch.equal(model(ids).logits, expected)
+        got = model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in state.items())
+        hf.disable(model)
+        assert not any(nf.packed_experts.is_released(m) for m in model.modules())
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        hf.enable(model, release_weights=True)
+        model.to(torch.bfloat16)
+        with pytest.raises(RuntimeError, match="released after packing"):
+            model(ids)
+        with pytest.raises(ValueError, match="release_weights needs experts=True"):
+            hf.enable(model, experts=False, release_weights=True)
+        hf.disable(model)  # restores the weights, converted to bfloat16 by the .to() above
+        assert model.model.layers[0].mlp.experts.down_proj.dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="float32/bfloat16/float16 CPU tensors"):
+            hf.enable(model.to(torch.float64), release_weights=True)
+        assert getattr(model, "_netmerge_report", None) is None, "nothing patched"
+
+
+@NATIVE
+def test_released_weights_compile_fullgraph(gen):
+    torch._dynamo.reset()
+    moe = _layer(0).eval()
+    x = torch.randn(7, 32, generator=gen)
+    with torch.no_grad():
+        eager = moe(x)
+        moe.release_expert_weights()
+        assert torch.equal(torch.compile(moe, fullgraph=True)(x), eager)

@@ -36,6 +36,7 @@ from netmerge_fast import _checks, packed_experts, reference
 from netmerge_fast._backends import resolve
 from netmerge_fast.dispatch import moe_experts, run_validated
 from netmerge_fast.integrations import switch_transformers
+from netmerge_fast.packed_experts import packable
 from netmerge_fast.routing import topk_gating
 
 __all__ = ["EXPERTS_IMPLEMENTATION", "HFPatchReport", "disable", "enable"]
@@ -194,8 +195,10 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     first, down, b_first, b_down = _expert_tensors(self)
     x = hidden_states.to(first.dtype)
     layout = (self.is_transposed, plan.interleaved)
-    if plan.quantize is not None or packed_experts.runs_packed(
-        x, first, "auto", x, top_k_weights, first, down, b_first, b_down
+    if (
+        plan.quantize is not None
+        or packed_experts.is_released(self)
+        or packed_experts.runs_packed(x, first, "auto", x, top_k_weights, first, down, b_first, b_down)
     ):
         # CPU inference, or int8: the weights packed once into the micro-kernel's layout (gate and up concatenated).
         packed = plan.packed.get(
@@ -281,8 +284,9 @@ def _require_transformers():
 
 
 def enable(
-    model: nn.Module, *, routing: bool = True, experts: bool = True, quantize_experts: str | None = None
-) -> HFPatchReport:
+    model: nn.Module, *, routing: bool = True, experts: bool = True, quantize_experts: str | None = None,
+    release_weights: bool = False,
+) -> HFPatchReport:  # fmt: skip
     """Run a Hugging Face transformers 5 MoE model's routers on ``topk_gating`` and its experts on ``moe_experts``.
 
     Args:
@@ -296,6 +300,13 @@ def enable(
         quantize_experts: ``"int8"`` runs every experts call on int8 weights (weight-only, per output channel;
             a quarter of float32's bytes, half of bfloat16's), quantised on the first call; inference only
             (``NotImplementedError`` when a gradient is needed). ``None``: the model's own weights.
+        release_weights: pack every experts module's weights now and free the originals, so a CPU inference model
+            holds one copy of its expert weights (the packed one; int8 with ``quantize_experts``) instead of two.
+            The weight parameters become ``meta`` placeholders; ``state_dict()`` / ``save_pretrained`` rebuild
+            them from the packs (exactly for float; int8: the dequantised weights), ``disable`` restores them.
+            Convert or move the model before ``enable``: ``.to()`` afterwards raises (at the next call for a
+            dtype, at once for a device). Needs every experts module's weights as float32/bfloat16/float16 CPU
+            tensors (``ValueError`` otherwise); inference only.
 
     Returns:
         An ``HFPatchReport``: the routers and experts modules now running on netmerge-fast, and each module left
@@ -314,14 +325,26 @@ def enable(
         _checks.choice("quantize_experts", quantize_experts, packed_experts.QUANTIZATIONS)
         if not experts:
             raise ValueError("quantize_experts needs experts=True")
+    _checks.boolean("release_weights", release_weights)
+    if release_weights and not experts:
+        raise ValueError("release_weights needs experts=True")
     _require_transformers()
     if getattr(model, "_netmerge_report", None) is not None:
         disable(model)
+    if release_weights:
+        for name, module in model.named_modules():
+            if _is_experts_module(module):
+                for w in _expert_tensors(module)[:2]:
+                    if not packable(w):
+                        raise ValueError(
+                            "release_weights=True needs every experts module's weights as float32/bfloat16/float16 "
+                            f"CPU tensors (the packed CPU kernels serve only those); {name} has {w.dtype} on {w.device}"
+                        )
     report = HFPatchReport()
     if routing:
         _enable_routing(model, report)
     if experts:
-        _enable_experts(model, report, quantize_experts)
+        _enable_experts(model, report, quantize_experts, release_weights)
     switch_transformers.enable(model, report, routing=routing, experts=experts)
     if not report.changed and not report.skipped:
         report.skipped[""] = f"{type(model).__name__} has no MoE router or experts module that transformers dispatches"
@@ -363,7 +386,7 @@ def _check_router(module: nn.Module, routing_of, logits_dtype: torch.dtype | Non
     return None
 
 
-def _enable_experts(model: nn.Module, report: HFPatchReport, quantize: str | None) -> None:
+def _enable_experts(model: nn.Module, report: HFPatchReport, quantize: str | None, release: bool) -> None:
     modules = [(n, m) for n, m in model.named_modules() if _is_experts_module(m)]
     if not modules:
         return
@@ -384,6 +407,11 @@ def _enable_experts(model: nn.Module, report: HFPatchReport, quantize: str | Non
         plan.quantize = quantize
         module._netmerge_plan = plan
         report.experts.append(name)
+        if release:
+            packed_experts.release_weights(
+                module, plan.packed, ("gate_up_proj" if module.has_gate else "up_proj", "down_proj"),
+                quantize=quantize, transposed=module.is_transposed, gate_up_interleaved=plan.interleaved,
+            )  # fmt: skip
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     report.previous_experts_implementation = previous
 
@@ -400,6 +428,7 @@ def disable(model: nn.Module) -> None:
     for name in report.routers:
         modules[name].__dict__.pop("forward", None)
     for module in modules.values():
+        packed_experts.restore_weights(module)
         module.__dict__.pop("_netmerge_plan", None)
         module.__dict__.pop("_netmerge_previous", None)
     if report.previous_experts_implementation is not None:

@@ -80,10 +80,35 @@ class MoEExperts(nn.Module):
             if mode is None:
                 raise ValueError("group_size needs mode='int8'")
             _checks.integer("group_size", group_size, low=1)
+        released = packed_experts.restore_weights(self) is not None
         self.quantize, self.group_size = mode, group_size
         self._pack_cache.clear()
-        if mode is not None:
+        if released:
+            self.release_weights()
+        elif mode is not None:
             self.packed()
+
+    def release_weights(self) -> None:
+        """Pack the weights now and free ``gate_up_proj`` / ``down_proj`` (CPU inference only): from then on the
+        module holds one copy of its expert weights, the packed one (int8 after ``quantize_experts``).
+
+        The two parameters become ``meta`` placeholders of the same shape and dtype; their memory is returned once
+        nothing else (an optimizer, the caller) holds them. ``state_dict()`` still gives the weights (rebuilt from
+        the pack: exactly for float, the dequantised weights for int8), ``load_state_dict`` and ``.to(dtype)``
+        restore, apply and release again, ``quantize_experts`` re-packs; a call that needs a gradient raises
+        ``NotImplementedError``. ``restore_weights()`` gives the parameters back. Raises ``ValueError`` unless the
+        weights are float32/bfloat16/float16 CPU tensors.
+        """
+        packed_experts.release_weights(self, self._pack_cache, quantize=self.quantize, group_size=self.group_size)
+
+    def restore_weights(self) -> None:
+        """Undo ``release_weights``: the parameters again, rebuilt from the pack (int8: the dequantised weights)."""
+        packed_experts.restore_weights(self)
+
+    @property
+    def weights_released(self) -> bool:
+        """Whether ``release_weights`` freed the weight parameters."""
+        return packed_experts.is_released(self)
 
     def packed(self) -> packed_experts.PackedExperts:
         """The weights packed by ``pack_experts`` (int8 after ``quantize_experts``), made again if they changed."""
@@ -97,8 +122,12 @@ class MoEExperts(nn.Module):
         return self._pack_cache.nbytes
 
     def _apply(self, fn, recurse=True):
+        released = packed_experts.restore_weights(self) is not None  # .to(dtype) converts the real weights
         self._pack_cache.clear()  # .to() / .half() / ...: the packed copy is of the old weights
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        if released and packed_experts.packable(self.gate_up_proj):  # else (e.g. moved to a GPU) stays restored
+            self.release_weights()
+        return result
 
     def forward(
         self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, checked: bool = True
@@ -106,8 +135,12 @@ class MoEExperts(nn.Module):
         """``moe_experts`` on the module's weights; ``checked=False`` skips its per-call checks, for routings that
         are valid by construction (SparseMoE's own top-k: a decode step then does not pay them)."""
         weights = (self.gate_up_proj, self.down_proj)
-        if self.quantize is not None or packed_experts.runs_packed(
-            hidden, self.gate_up_proj, self.backend, hidden, topk_weights, *self.parameters()
+        if (
+            self.quantize is not None
+            or self.weights_released
+            or packed_experts.runs_packed(
+                hidden, self.gate_up_proj, self.backend, hidden, topk_weights, *self.parameters()
+            )
         ):
             weights = (self.packed(), None)
         if not checked:
@@ -300,7 +333,7 @@ class SparseMoE(nn.Module):
         self.router_logits: torch.Tensor | None = None
         self.topk_ids: torch.Tensor | None = None
         self.dispatched_ids: torch.Tensor | None = None
-        self.router_stats: RouterStats | None = None
+        self._stats: tuple | RouterStats | None = None  # the last forward's (ids, load, dropped), or its stats
         self._replaying: Iterator[torch.Tensor] | None = None
         self._recording: list[torch.Tensor] | None = None
         # Checks the routing arguments once, at construction.
@@ -320,8 +353,7 @@ class SparseMoE(nn.Module):
                 raise RuntimeError("moe.replay(...): more forward calls than recorded routings")
         routing = dict(self._routing_args(), backend=self.backend)
         weights, ids = topk_gating(logits, self.top_k, **routing, replay_ids=replay_ids)
-        load = expert_counts(ids, self.num_experts)
-        dispatched, dropped = ids, torch.zeros_like(load)
+        dispatched, dropped = ids, None
         capacity = expert_capacity(flat.shape[0], self.top_k, self.num_experts, self.capacity_factor)
         if capacity is not None:
             priority = slot_probabilities(logits, ids, routing) if self.capacity_order == "score" else None
@@ -336,16 +368,40 @@ class SparseMoE(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
             out = out + shared
         self.router_logits, self.topk_ids, self.dispatched_ids = logits, ids, dispatched
-        self.router_stats = RouterStats(load, dropped, load_cv(load))
+        # The statistics are made when read (router_stats): a decode step does not pay their half-dozen small ops.
+        load = None
         if self.training and hasattr(self, "expert_load"):
+            load = expert_counts(ids, self.num_experts)
             self.expert_load.add_(load)
+        self._stats = (ids, load, dropped)
         if self._recording is not None:
             self._recording.append(ids.detach())
         return out.reshape(shape)
 
+    @property
+    def router_stats(self) -> RouterStats | None:
+        """The last forward's ``RouterStats`` (None before the first), computed from its routing when read."""
+        if self._stats is None or isinstance(self._stats, RouterStats):
+            return self._stats
+        ids, load, dropped = self._stats
+        if load is None:
+            load = expert_counts(ids, self.num_experts)
+        if dropped is None:
+            dropped = torch.zeros_like(load)
+        self._stats = RouterStats(load, dropped, load_cv(load))
+        return self._stats
+
     def quantize_experts(self, mode: str | None = "int8", *, group_size: int | None = None) -> None:
         """Run the experts on int8 weights (see ``MoEExperts.quantize_experts``); ``None`` undoes it."""
         self.experts.quantize_experts(mode, group_size=group_size)
+
+    def release_expert_weights(self) -> None:
+        """Keep only the packed copy of the expert weights (see ``MoEExperts.release_weights``)."""
+        self.experts.release_weights()
+
+    def restore_expert_weights(self) -> None:
+        """Undo ``release_expert_weights`` (see ``MoEExperts.restore_weights``)."""
+        self.experts.restore_weights()
 
     @torch.no_grad()
     def update_selection_bias(self) -> None:
