@@ -9,17 +9,13 @@ import torch
 
 import netmerge_fast as nf
 from netmerge_fast import _backends
+from tests.test_cpu_isa import isa  # noqa: F401  (the fixture)
 from tests.test_topk_gating import _loop_routing, check_routing
 
-pytestmark = pytest.mark.skipif(not _backends.native_status().available, reason="the C++ extension is not built")
-
-
-@pytest.fixture(params=_backends.cpu_isas() or ["baseline"])
-def isa(request):
-    previous = _backends.cpu_isa()
-    _backends.set_cpu_isa(request.param)
-    yield request.param
-    _backends.set_cpu_isa(previous)
+pytestmark = [
+    pytest.mark.skipif(not _backends.native_status().available, reason="the C++ extension is not built"),
+    pytest.mark.usefixtures("isa"),  # every test on every ISA build this machine runs (baseline included)
+]
 
 
 # (E, k, options): both layouts (k * E <= 64 * R: blocks; above: rows, R = 8 or 16 lanes), expert counts that
@@ -47,7 +43,7 @@ def _with_bias(E, options, gen):
 
 
 @pytest.mark.parametrize("E,k,options", LAYOUTS, ids=lambda v: str(v) if not isinstance(v, dict) else "")
-def test_a_row_gives_the_same_bits_at_every_position(isa, E, k, options, gen):
+def test_a_row_gives_the_same_bits_at_every_position(E, k, options, gen):
     options = _with_bias(E, options, gen)
     x = torch.randn(45, E, generator=gen) * 3
     x[5, ::2] = x[5, 0]  # ties
@@ -62,7 +58,7 @@ def test_a_row_gives_the_same_bits_at_every_position(isa, E, k, options, gen):
 
 
 @pytest.mark.parametrize("E", [*range(1, 41), 63, 65, 127, 129, 255, 257])
-def test_every_expert_count_against_the_float64_loops(isa, E, gen):
+def test_every_expert_count_against_the_float64_loops(E, gen):
     x = torch.randn(21, E, generator=gen) * 2
     for k in sorted({1, 2, min(E, 5), min(E, 9), E}):
         if k > E:
@@ -77,7 +73,7 @@ def test_every_expert_count_against_the_float64_loops(isa, E, gen):
 
 
 @pytest.mark.parametrize("E,k,options", LAYOUTS, ids=lambda v: str(v) if not isinstance(v, dict) else "")
-def test_ties_and_large_magnitudes(isa, E, k, options, gen):
+def test_ties_and_large_magnitudes(E, k, options, gen):
     options = _with_bias(E, options, gen)
     if "bias" in options:  # a coarse grid keeps ties exact through score + bias
         options["bias"] = torch.randint(-2, 3, (E,), generator=gen).float() / 4
@@ -124,7 +120,7 @@ def test_the_fallback_build_from_the_environment(gen):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_non_finite_rows_in_both_layouts(isa):
+def test_non_finite_rows_in_both_layouts():
     for E, k in ((8, 3), (130, 6)):
         x = torch.full((4, E), -math.inf)
         x[1] = math.nan
