@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from netmerge_fast import _checks, reference
@@ -13,6 +15,7 @@ __all__ = ["expert_counts", "load_balancing_loss", "router_z_loss", "topk_gating
 _SCORINGS = ("softmax", "sigmoid")
 _GROUP_SCORES = ("max", "top2_sum")
 _CAPACITY_ORDERS = ("token", "score")
+_cpu_kernel = None
 
 
 def topk_gating(
@@ -118,7 +121,26 @@ def _validate(
     router_logits, k, scoring, renormalize, bias, num_groups, topk_groups, group_score, softmax_after_topk, scale
 ) -> None:
     _checks.tensor("router_logits", router_logits, dim=2, floating=True)
-    E = router_logits.shape[1]
+    options = (router_logits.shape[1], k, scoring, renormalize, num_groups, topk_groups, group_score)
+    options += (softmax_after_topk, scale)
+    # The options of a model's router repeat every call: checked once (per call only what cannot be cached).
+    if torch.compiler.is_compiling():
+        _validate_options(*options)
+    else:
+        try:
+            hash(options)
+        except TypeError:  # an unhashable argument, which no check accepts: the check names it
+            _validate_options(*options)
+        else:
+            _validate_options_cached(*options)
+    if bias is not None:
+        _checks.tensor("bias", bias, dim=1, floating=True)
+        if bias.shape[0] != router_logits.shape[1]:
+            raise ValueError(f"bias must have shape [E]=[{router_logits.shape[1]}], got [{bias.shape[0]}]")
+        _checks.same_device("bias", bias, "router_logits", router_logits)
+
+
+def _validate_options(E, k, scoring, renormalize, num_groups, topk_groups, group_score, softmax_after_topk, scale):
     if E == 0:
         raise ValueError("router_logits must have at least one expert column, got shape [T, 0]")
     _checks.integer("k", k, low=1, high=E)
@@ -136,17 +158,19 @@ def _validate(
     _checks.boolean("softmax_after_topk", softmax_after_topk)
     if softmax_after_topk and scoring != "softmax":
         raise ValueError("softmax_after_topk=True needs scoring='softmax'")
-    if bias is not None:
-        _checks.tensor("bias", bias, dim=1, floating=True)
-        if bias.shape[0] != E:
-            raise ValueError(f"bias must have shape [E]=[{E}], got [{bias.shape[0]}]")
-        _checks.same_device("bias", bias, "router_logits", router_logits)
     _checks.finite_real("scale", scale)
+
+
+# typed: True and 1 (or 2 and 2.0) are different cache entries, so k=True still fails its check.
+_validate_options_cached = functools.lru_cache(maxsize=256, typed=True)(_validate_options)
 
 
 def _kernel(backend: str):
     if backend == "cpu":
-        return torch.ops.netmerge.topk_gating.default
+        global _cpu_kernel
+        if _cpu_kernel is None:  # torch.ops' attribute chain costs about half a microsecond per call
+            _cpu_kernel = torch.ops.netmerge.topk_gating.default
+        return _cpu_kernel
     from netmerge_fast.triton_kernels.topk_gating import topk_gating_triton
 
     return topk_gating_triton
