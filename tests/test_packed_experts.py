@@ -71,6 +71,27 @@ def test_float_packed_matches_reference_on_every_build(shape, dtype, isa, gen):
     packed_vs_reference(args, kwargs, dtype)
 
 
+@pytest.mark.parametrize("pack", [{}, {"quantize": "int8"}, {"quantize": "int8", "group_size": 48}],
+                         ids=["float", "int8", "int8-g48"])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_blocked_prefill_matches_reference(dtype, pack, isa, gen):
+    """~200 rows per expert: two row blocks per expert, K (700 in, 664 padded out) split into k blocks with a
+    short last one, more panels per expert than one task's sums hold, and the spread prefetch of every tile."""
+    args, kwargs = make_inputs(gen, 300, 2, 3, 700, 660, dtype=dtype, bias=True, routed_nowhere=0.02)
+    packed_vs_reference(args, kwargs, dtype, **pack)
+
+
+@pytest.mark.parametrize("pack", [{}, {"quantize": "int8"}, {"quantize": "int8", "group_size": 16}],
+                         ids=["float", "int8", "int8-g16"])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_decode_splits_each_expert_across_threads(T, dtype, pack, isa, gen):
+    """Few rows on few experts (Mixtral decode): each expert's panels split into several tasks, the last one
+    short, on the few-row tiles with several accumulator sets."""
+    args, kwargs = make_inputs(gen, T, 2, 4, 200, 300, dtype=dtype, bias=True)
+    packed_vs_reference(args, kwargs, dtype, **pack)
+
+
 @pytest.mark.parametrize("T", [3, 40])  # decode-like and prefill-like row counts per expert
 @pytest.mark.parametrize("apply_weights_on_input", [False, True])
 @pytest.mark.parametrize("bias", [False, True])

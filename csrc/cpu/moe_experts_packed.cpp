@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/grouped_gemm.h"
@@ -57,14 +58,11 @@ constexpr int kAccumulators = 4;
 constexpr int kMaxRows = 2;
 #endif
 
-// The loops over a tile's rows and vectors must be unrolled before GCC decides where the accumulator arrays
-// live: left as loops, it keeps every accumulator in memory (a load and a store around each FMA, a third of
-// the speed).
-#define NETMERGE_UNROLL _Pragma("GCC unroll 64")
-
-template <int NV>
+template <int NV, Format F = Format::kFloat>
 constexpr int max_rows() {
-  return std::max(1, std::min(kMaxRows, kAccumulators / NV));
+  // bf16 pairs widen into two vectors per panel vector: on AVX2 a 6-row tile would spill.
+  constexpr int accumulators = F == Format::kBf16Pairs && kAccumulators == 12 ? 10 : kAccumulators;
+  return std::max(1, std::min(kMaxRows, accumulators / NV));
 }
 
 // The float values of L consecutive int8 weights.
@@ -83,113 +81,142 @@ inline Vec load_int8(const int8_t* p) {
 // L consecutive k-pairs of bfloat16 weights (one 32-bit word each, k in the low half): the float values for k
 // (word << 16) and for k + 1 (the high half in place).
 inline void load_bf16_pairs(const uint32_t* p, Vec& lo, Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i words = _mm512_loadu_si512(p);
+  lo = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+  hi = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  // Immediate shifts: no constant register (the 6-row tile needs all 16).
+  const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+  hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(words, 16), 16));
+#else
   const VecI words = VecI::loadu(p);
   lo = at::vec::cast<float>(words << VecI(16));
   hi = at::vec::cast<float>(words & VecI(static_cast<int32_t>(0xFFFF0000u)));
+#endif
+}
+
+#define NETMERGE_INLINE __attribute__((always_inline))
+
+// f(std::integral_constant<int, i>{}) for i in [0, N): every index the micro-kernel uses is a compile-time
+// constant before GCC decides where its accumulator arrays live (left as loops, even with unroll pragmas, it
+// keeps some of them in memory: a load and a store around each FMA, at a third of the speed or less).
+template <typename Fn, int... I>
+inline NETMERGE_INLINE void unroll_each(const Fn& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename Fn>
+inline NETMERGE_INLINE void unroll(const Fn& f) {
+  unroll_each(f, std::make_integer_sequence<int, N>{});
+}
+
+// The weights of one unit of a panel (one k; a k-pair for bf16) as float vectors: w[j][v] for the unit's
+// k-step j and vector v.
+template <Format F, int NV>
+inline NETMERGE_INLINE void load_unit(const void* p, Vec (&w)[F == Format::kBf16Pairs ? 2 : 1][NV]) {
+  unroll<NV>([&](auto v) NETMERGE_INLINE {
+    if constexpr (F == Format::kFloat) {
+      w[0][v] = Vec::loadu(static_cast<const float*>(p) + v * L);
+    } else if constexpr (F == Format::kInt8) {
+      w[0][v] = load_int8(static_cast<const int8_t*>(p) + v * L);
+    } else {
+      load_bf16_pairs(static_cast<const uint32_t*>(p) + v * L, w[0][v], w[1][v]);
+    }
+  });
 }
 
 // The sums over k in [k0, k1) of a[r][k] * W[k][c], added into tile[r][c] (first: into zeros), for MR rows
 // (pointers a[r]) and one panel W of NV * L columns (k-pairs for bf16: k0, k1 even). int8 scales: with
 // group > 0 (group-wise) each group's sums are scaled as they are added; with group == 0 (one scale per column)
-// the tile holds raw sums until the last block scales them. S accumulator sets (interleaved k) give a tile with
-// few rows (decode) enough independent FMA chains to hide the latency. `ahead`, when given, is prefetched into
-// L2 as this block is read (one line per 64 bytes): the next block of the panel, or the next panel.
+// the tile holds raw sums until the last block scales them. S accumulator sets (k-step j adds into set j % S)
+// give a tile with few rows (decode) enough independent FMA chains to hide the latency. `ahead`, when given, is
+// prefetched into L2 as this block is read (one line per 64 bytes): the next panel's block, or the next block.
 template <Format F, int MR, int NV>
 void micro_tile(const float* const* a, int64_t k0, int64_t k1, const void* panel, const float* scales,
-                int64_t group, float* tile, bool first, bool last, const char* ahead) {
+                int64_t group, float* tile, bool first, bool last, const char* ahead, int64_t ahead_bytes) {
   constexpr int64_t NR = NV * L;
-  constexpr int64_t kStepBytes = NR * (F == Format::kFloat ? 4 : F == Format::kBf16Pairs ? 2 : 1);
   constexpr int S = MR * NV >= 8 ? 1 : MR * NV >= 4 ? 2 : 4;
-  const auto prefetch = [&](int64_t k) {
-    const int64_t offset = (k - k0) * kStepBytes;
-    if (ahead != nullptr && offset % 64 == 0) __builtin_prefetch(ahead + offset, 0, 2);
-  };
+  constexpr auto slot = [](int set, int r, int v) { return (set * MR + r) * NV + v; };
+  constexpr int kSteps = F == Format::kBf16Pairs ? 2 : 1;  // k per unit
+  constexpr int64_t kUnitBytes = kSteps * NR * (F == Format::kFloat ? 4 : F == Format::kBf16Pairs ? 2 : 1);
+  constexpr int U = std::max(1, S / kSteps);  // units per unrolled body: one k-step per accumulator set
+  // Prefetches per body, and the bytes they advance: with less than a line per body, one line every few bodies.
+  constexpr int kLines = std::max<int>(1, static_cast<int>(U * kUnitBytes / 64));
+  constexpr int64_t kFetchStep = std::max<int64_t>(U * kUnitBytes, 64);
+  const char* fetch = ahead;
+  const char* const fetch_end = ahead + (ahead != nullptr ? ahead_bytes : 0);
+  const float* rows[MR];
+  unroll<MR>([&](auto r) NETMERGE_INLINE { rows[r] = a[r]; });
   const int64_t span = group > 0 ? group : k1 - k0;
   for (int64_t g0 = k0; g0 < k1; g0 += span) {
     const int64_t g1 = std::min(k1, g0 + span);
-    Vec acc[S][MR][NV];
-    NETMERGE_UNROLL for (int s = 0; s < S; ++s)
-      NETMERGE_UNROLL for (int r = 0; r < MR; ++r)
-        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) acc[s][r][v] = Vec(0.f);
-    const auto step = [&](int s, int64_t k, const Vec* w) {
-      prefetch(k);
-      NETMERGE_UNROLL for (int r = 0; r < MR; ++r) {
-        const Vec x(a[r][k]);
-        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) acc[s][r][v] = at::vec::fmadd(x, w[v], acc[s][r][v]);
-      }
+    // [set][row][vector], flat: GCC keeps a multi-dimensional one in memory when S > 1.
+    Vec acc[S * MR * NV];
+    const auto each = [&](auto sets, const auto& f) NETMERGE_INLINE {
+      unroll<decltype(sets)::value>([&](auto i) NETMERGE_INLINE {
+        unroll<MR>([&](auto r) NETMERGE_INLINE { unroll<NV>([&](auto v) NETMERGE_INLINE { f(i, r, v); }); });
+      });
+    };
+    each(std::integral_constant<int, S>{},
+         [&](auto i, auto r, auto v) NETMERGE_INLINE { acc[slot(i, r, v)] = Vec(0.f); });
+    // One unit's FMAs at k, its k-step j into set (base + j) % S.
+    const auto fma_unit = [&](int64_t k, const char* p, auto base) NETMERGE_INLINE {
+      Vec w[kSteps][NV];
+      load_unit<F, NV>(p, w);
+      unroll<kSteps>([&](auto j) NETMERGE_INLINE {
+        constexpr int set = (decltype(base)::value + decltype(j)::value) % S;
+        unroll<MR>([&](auto r) NETMERGE_INLINE {
+          const Vec x(rows[r][k + j]);
+          unroll<NV>([&](auto v) NETMERGE_INLINE {
+            acc[slot(set, r, v)] = at::vec::fmadd(x, w[j][v], acc[slot(set, r, v)]);
+          });
+        });
+      });
     };
     int64_t k = g0;
-    if constexpr (F == Format::kBf16Pairs) {
-      const uint32_t* w = static_cast<const uint32_t*>(panel) + g0 / 2 * NR;
-      constexpr int P = S >= 2 ? S / 2 : 1;  // pairs per unrolled step
-      for (; k + 2 * P <= g1; k += 2 * P) {
-        NETMERGE_UNROLL for (int i = 0; i < P; ++i, w += NR) {
-          Vec lo[NV], hi[NV];
-          NETMERGE_UNROLL for (int v = 0; v < NV; ++v) load_bf16_pairs(w + v * L, lo[v], hi[v]);
-          step((2 * i) % S, k + 2 * i, lo);
-          step((2 * i + 1) % S, k + 2 * i + 1, hi);
-        }
+    const char* w = static_cast<const char*>(panel) + g0 / kSteps * kUnitBytes;
+    for (; k + U * kSteps <= g1; k += U * kSteps, w += U * kUnitBytes) {
+      if (fetch < fetch_end && (U * kUnitBytes >= 64 || (k - g0) % (64 / kUnitBytes) == 0)) {
+        unroll<kLines>([&](auto line) NETMERGE_INLINE { __builtin_prefetch(fetch + 64 * line, 0, 2); });
+        fetch += kFetchStep;
       }
-      for (; k < g1; k += 2, w += NR) {
-        Vec lo[NV], hi[NV];
-        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) load_bf16_pairs(w + v * L, lo[v], hi[v]);
-        step(0, k, lo);
-        step(0, k + 1, hi);
-      }
-    } else {
-      using weight_t = std::conditional_t<F == Format::kFloat, float, int8_t>;
-      const weight_t* w = static_cast<const weight_t*>(panel) + g0 * NR;
-      const auto load = [](const weight_t* p, Vec* out) {
-        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) {
-          if constexpr (F == Format::kFloat) {
-            out[v] = Vec::loadu(p + v * L);
-          } else {
-            out[v] = load_int8(p + v * L);
-          }
-        }
-      };
-      for (; k + S <= g1; k += S) {
-        NETMERGE_UNROLL for (int s = 0; s < S; ++s, w += NR) {
-          Vec wv[NV];
-          load(w, wv);
-          step(s, k + s, wv);
-        }
-      }
-      for (; k < g1; ++k, w += NR) {
-        Vec wv[NV];
-        load(w, wv);
-        step(0, k, wv);
-      }
+      unroll<U>([&](auto u) NETMERGE_INLINE {
+        fma_unit(k + u * kSteps, w + u * kUnitBytes, std::integral_constant<int, decltype(u)::value * kSteps>{});
+      });
     }
-    NETMERGE_UNROLL for (int s = 1; s < S; ++s)
-      NETMERGE_UNROLL for (int r = 0; r < MR; ++r)
-        NETMERGE_UNROLL for (int v = 0; v < NV; ++v) acc[0][r][v] = acc[0][r][v] + acc[s][r][v];
-    NETMERGE_UNROLL for (int r = 0; r < MR; ++r) {
-      NETMERGE_UNROLL for (int v = 0; v < NV; ++v) {
+    for (; k < g1; k += kSteps, w += kUnitBytes) fma_unit(k, w, std::integral_constant<int, 0>{});
+    each(std::integral_constant<int, S - 1>{}, [&](auto i, auto r, auto v) NETMERGE_INLINE {
+      acc[slot(0, r, v)] = acc[slot(0, r, v)] + acc[slot(i + 1, r, v)];
+    });
+    unroll<MR>([&](auto r) NETMERGE_INLINE {
+      unroll<NV>([&](auto v) NETMERGE_INLINE {
         float* dst = tile + r * NR + v * L;
         if (group > 0) {
           const Vec scale = Vec::loadu(scales + g0 / group * NR + v * L);
           const bool fresh = first && g0 == k0;
-          (fresh ? acc[0][r][v] * scale : at::vec::fmadd(acc[0][r][v], scale, Vec::loadu(dst))).store(dst);
+          const Vec sum = acc[slot(0, r, v)];
+          (fresh ? sum * scale : at::vec::fmadd(sum, scale, Vec::loadu(dst))).store(dst);
         } else {
           // Added here rather than loaded into the accumulators: a conditional load there makes the compiler keep
           // them in memory.
-          const Vec sum = first ? acc[0][r][v] : acc[0][r][v] + Vec::loadu(dst);
+          const Vec sum = first ? acc[slot(0, r, v)] : acc[slot(0, r, v)] + Vec::loadu(dst);
           (last && scales != nullptr ? sum * Vec::loadu(scales + v * L) : sum).store(dst);
         }
-      }
-    }
+      });
+    });
   }
 }
 
 // micro_tile for mr rows (1 <= mr <= max_rows<NV>()), chosen at compile time.
 template <Format F, int NV, int MR = 1>
 void run_tile(int mr, const float* const* a, int64_t k0, int64_t k1, const void* panel, const float* scales,
-              int64_t group, float* tile, bool first, bool last, const char* ahead) {
-  if constexpr (MR < max_rows<NV>()) {
-    if (mr > MR) return run_tile<F, NV, MR + 1>(mr, a, k0, k1, panel, scales, group, tile, first, last, ahead);
+              int64_t group, float* tile, bool first, bool last, const char* ahead, int64_t ahead_bytes) {
+  if constexpr (MR < max_rows<NV, F>()) {
+    if (mr > MR)
+      return run_tile<F, NV, MR + 1>(mr, a, k0, k1, panel, scales, group, tile, first, last, ahead, ahead_bytes);
   }
-  micro_tile<F, MR, NV>(a, k0, k1, panel, scales, group, tile, first, last, ahead);
+  micro_tile<F, MR, NV>(a, k0, k1, panel, scales, group, tile, first, last, ahead, ahead_bytes);
 }
 
 // Values rounded to scalar_t (round to nearest even), kept in float.
@@ -225,24 +252,34 @@ struct Task {
   int64_t expert, r0, r1, p0, p1;
 };
 
-// Tasks over every expert's rows: row blocks small enough that a block's inputs stay in L2 while the panels
-// stream past (each panel is then read once per block), and panel ranges split in proportion to the rows, aiming
-// at ~8 tasks per thread, none with less than ~64 KB of weights.
-std::vector<Task> plan_tasks(const std::vector<int64_t>& starts, int64_t E, int64_t panels, int64_t K,
+// Cache budgets of a task (per thread): the block of its input rows that one k block covers, and its sums
+// ([rows][panels][NR] floats), both kept in L2 while the task's panels stream past (L1 holds one panel's k block).
+constexpr int64_t kRowBlockBytes = int64_t{256} << 10;
+constexpr int64_t kSumsBytes = int64_t{64} << 10;
+// Rows of a task: each panel is read from memory once per row block, so blocks are as large as the budgets allow
+// (k is blocked to keep the input block in L2).
+constexpr int64_t kMaxTaskRows = 128;
+// Tasks of at most this many rows read their weights at a few FMAs per byte (decode).
+constexpr int64_t kDecodeRows = 8;
+
+// Tasks over every expert's rows: row blocks of at most kMaxTaskRows rows, and panel ranges split in proportion
+// to the rows, aiming at ~16 tasks per thread (the two threads of a few-expert shape balance), none with less
+// than ~64 KB of weights or more sums than kSumsBytes.
+std::vector<Task> plan_tasks(const std::vector<int64_t>& starts, int64_t E, int64_t panels, int64_t NR,
                              size_t panel_bytes) {
   const int64_t threads = at::get_num_threads();
   const int64_t total = starts[E];
-  const int64_t max_block = std::clamp<int64_t>((int64_t{256} << 10) / (4 * K), kMaxRows, 64);
   const int64_t least_panels = std::max<int64_t>(1, (int64_t{64} << 10) / static_cast<int64_t>(panel_bytes));
   std::vector<Task> tasks;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t rows = starts[e + 1] - starts[e];
     if (rows == 0) continue;
-    const int64_t blocks = at::divup(rows, max_block), block = at::divup(rows, blocks);
+    const int64_t blocks = at::divup(rows, kMaxTaskRows), block = at::divup(rows, blocks);
     for (int64_t r0 = starts[e]; r0 < starts[e + 1]; r0 += block) {
       const int64_t r1 = std::min(starts[e + 1], r0 + block);
-      const int64_t parts = std::max<int64_t>(1, (8 * threads * (r1 - r0) + total - 1) / total);
-      const int64_t width = std::max(least_panels, at::divup(panels, parts));
+      const int64_t parts = std::max<int64_t>(1, (16 * threads * (r1 - r0) + total - 1) / total);
+      const int64_t most_panels = std::max<int64_t>(1, kSumsBytes / (4 * NR * (r1 - r0)));
+      const int64_t width = std::min(most_panels, std::max(least_panels, at::divup(panels, parts)));
       for (int64_t p0 = 0; p0 < panels; p0 += width) tasks.push_back({e, r0, r1, p0, std::min(panels, p0 + width)});
     }
   }
@@ -261,44 +298,64 @@ std::vector<std::pair<int64_t, int>> row_tiles(int64_t n, int max_rows) {
   return tiles;
 }
 
-// Panel rows per block of k: ~32 KB of weights, which stay in L1/L2 while every row tile of the task reads them
-// (an int8 block is a whole number of scale groups).
+// Rows of k per block for a task of `rows` rows: the whole of K when the task's input block fits
+// kRowBlockBytes, else the most that does (a multiple of 16, and of the int8 scale group; at least 64, and at
+// most ~32 KB of a panel, which then stays in L1/L2 while every row tile of the task reads it).
 template <Format F, int NV>
-int64_t k_block(int64_t group) {
+int64_t k_block(int64_t K, int64_t rows, int64_t group) {
   constexpr int64_t bytes = NV * L * (F == Format::kFloat ? 4 : F == Format::kBf16Pairs ? 2 : 1);
-  const int64_t rows = (int64_t{32} << 10) / bytes;
-  return group > 0 ? std::max<int64_t>(1, rows / group) * group : rows;
+  const int64_t fit = std::min(kRowBlockBytes / (4 * rows), (int64_t{32} << 10) / bytes);
+  if (fit >= K) return K;
+  const int64_t block = std::max<int64_t>(64, fit / 16 * 16);
+  return group > 0 ? std::max<int64_t>(1, block / group) * group : block;
 }
 
-// One phase: every task's rows times its panels, tiles accumulated over k blocks in `sums` ([rows][NR]), then
-// `finish(panel, first row, rows, sums)` once per panel.
+// One phase: every task's rows times its panels, k block by k block (each block of the task's input rows is
+// read from L2 by all its panels), tiles accumulated in a per-thread `sums` ([panel][rows][NR]), then
+// `finish(panel, first row, rows, sums of the panel)` once per panel.
 template <Format F, int NV, typename Finish>
 void run_phase(const std::vector<Task>& tasks, const float* const* rows, int64_t K, int64_t panels,
                const char* weights, int64_t panel_bytes, const float* scales, int64_t groups, int64_t group,
                double flops, const Finish& finish) {
   constexpr int64_t NR = NV * L;
-  constexpr int MR = max_rows<NV>();
-  const int64_t block = k_block<F, NV>(group);
+  constexpr int MR = max_rows<NV, F>();
   const int64_t step_bytes = panel_bytes / K;
   parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const Task& t = tasks[i];
-    alignas(64) float sums[64 * NR];  // task rows: at most 64 (plan_tasks)
-    const auto tiles = row_tiles(t.r1 - t.r0, MR);
+    const int64_t n = t.r1 - t.r0, width = t.p1 - t.p0;
+    thread_local std::vector<float> buffer;
+    buffer.resize(std::max<size_t>(buffer.size(), static_cast<size_t>(n * width * NR)));
+    float* sums = buffer.data();
+    const auto tiles = row_tiles(n, MR);
     const float* const* a = rows + t.r0;
-    for (int64_t p = t.p0; p < t.p1; ++p) {
-      const int64_t panel = t.expert * panels + p;
-      const char* w = weights + panel * panel_bytes;
-      const float* panel_scales = scales ? scales + panel * groups * NR : nullptr;
-      for (int64_t k0 = 0; k0 < K; k0 += block) {
-        const int64_t k1 = std::min(K, k0 + block);
-        // While the first tile reads this block, the next block (or the next panel's first) comes into L2.
-        const char* ahead = k1 < K ? w + k1 * step_bytes : p + 1 < t.p1 ? w + panel_bytes : nullptr;
-        for (const auto& [r, mr] : tiles)
-          run_tile<F, NV>(mr, a + r, k0, k1, w, panel_scales, group, sums + r * NR, k0 == 0, k1 == K,
-                          r == 0 ? ahead : nullptr);
+    const int64_t block = k_block<F, NV>(K, n, group);
+    const char* first_panel = weights + (t.expert * panels + t.p0) * panel_bytes;
+    const bool fetch = F != Format::kFloat || n > kDecodeRows;
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
+      const int64_t k1 = std::min(K, k0 + block);
+      for (int64_t p = 0; p < width; ++p) {
+        const int64_t panel = t.expert * panels + t.p0 + p;
+        const char* w = weights + panel * panel_bytes;
+        const float* panel_scales = scales ? scales + panel * groups * NR : nullptr;
+        // While the tiles read this block, the next panel's block (or the first panel's next block) comes into
+        // L2, each tile fetching its share. Not for float32 decode, whose few FMAs per byte leave the stream to
+        // the hardware prefetcher (measured: software prefetch there cost 5-15%).
+        const char* ahead = !fetch ? nullptr
+                            : p + 1 < width ? w + panel_bytes + k0 * step_bytes
+                            : k1 < K        ? first_panel + k1 * step_bytes
+                                            : nullptr;
+        const int64_t ahead_bytes = (p + 1 < width ? k1 - k0 : std::min(K, k1 + block) - k1) * step_bytes;
+        const int64_t share = at::divup(at::divup(ahead_bytes, int64_t{64}), static_cast<int64_t>(tiles.size())) * 64;
+        for (size_t i = 0; i < tiles.size(); ++i) {
+          const auto [r, mr] = tiles[i];
+          const int64_t offset = static_cast<int64_t>(i) * share;
+          run_tile<F, NV>(mr, a + r, k0, k1, w, panel_scales, group, sums + (p * n + r) * NR, k0 == 0, k1 == K,
+                          ahead != nullptr && offset < ahead_bytes ? ahead + offset : nullptr,
+                          std::min(share, ahead_bytes - offset));
+        }
       }
-      finish(p, t.r0, t.r1 - t.r0, static_cast<const float*>(sums));
     }
+    for (int64_t p = 0; p < width; ++p) finish(t.p0 + p, t.r0, n, static_cast<const float*>(sums + p * n * NR));
   }, flops, static_cast<double>(tasks.size()) * panel_bytes);
 }
 
@@ -316,7 +373,7 @@ void run_phases(const Shape& s, const Permutation& perm, const float* const* row
 
   // Phase A: gate and up, bias, activation -> act_rows.
   run_phase<F, NV>(
-      plan_tasks(perm.starts, s.E, s.P1, s.K1, bytes1), row_ptr, s.K1, s.P1, static_cast<const char*>(gate_up),
+      plan_tasks(perm.starts, s.E, s.P1, NR, bytes1), row_ptr, s.K1, s.P1, static_cast<const char*>(gate_up),
       bytes1, gate_up_scales, groups1, group1, 2.0 * perm.rows * s.P1 * NR * s.K1,
       [&](int64_t p, int64_t row0, int64_t rows, const float* sums) {
         // The panel's bias columns (zero past I), in the tile's column order.
@@ -349,7 +406,7 @@ void run_phases(const Shape& s, const Permutation& perm, const float* const* row
   std::vector<const float*> act_ptr(perm.rows);
   for (int64_t r = 0; r < perm.rows; ++r) act_ptr[r] = act_rows + r * s.Ip;
   run_phase<F, NV>(
-      plan_tasks(perm.starts, s.E, s.P2, s.K2, bytes2), act_ptr.data(), s.K2, s.P2, static_cast<const char*>(down),
+      plan_tasks(perm.starts, s.E, s.P2, NR, bytes2), act_ptr.data(), s.K2, s.P2, static_cast<const char*>(down),
       bytes2, down_scales, groups2, group2, 2.0 * perm.rows * s.P2 * NR * s.K2,
       [&](int64_t p, int64_t row0, int64_t rows, const float* sums) {
         const int64_t columns = std::min(NR, s.H - p * NR);
