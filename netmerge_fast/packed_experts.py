@@ -200,17 +200,17 @@ class PackCache:
         self.frozen = False
 
     @staticmethod
-    def _key_of(w_gate_up, w_down, quantize, group_size, layout) -> tuple:
-        layout = tuple(sorted({"transposed": False, "gate_up_interleaved": False, **layout}.items()))
-        return (quantize, group_size, layout, default_panel(), *map(_identity, (w_gate_up, w_down)))
+    def _key_of(w_gate_up, w_down, quantize, group_size, transposed, gate_up_interleaved) -> tuple:
+        options = (quantize, group_size, transposed, gate_up_interleaved, default_panel())
+        return (*options, *map(_identity, (w_gate_up, w_down)))
 
     def get(
         self, w_gate_up: torch.Tensor, w_down: torch.Tensor, *, quantize: str | None = None,
-        group_size: int | None = None, **layout: bool,
+        group_size: int | None = None, transposed: bool = False, gate_up_interleaved: bool = False,
     ) -> PackedExperts:  # fmt: skip
         if self.frozen and torch.compiler.is_compiling():
             return self.packed  # a trace takes the fixed copy (the host-side identity checks do not trace)
-        key = self._key_of(w_gate_up, w_down, quantize, group_size, layout)
+        key = self._key_of(w_gate_up, w_down, quantize, group_size, transposed, gate_up_interleaved)
         if self.frozen:
             if key != self._key:
                 raise RuntimeError(
@@ -221,13 +221,17 @@ class PackCache:
             return self.packed
         if self.packed is None or key != self._key:
             self.clear()  # frees the stale copy before the new one is made
-            self.packed = pack_experts(w_gate_up, w_down, quantize=quantize, group_size=group_size, **layout)
+            self.packed = pack_experts(
+                w_gate_up, w_down, quantize=quantize, group_size=group_size, transposed=transposed,
+                gate_up_interleaved=gate_up_interleaved,
+            )  # fmt: skip
             self._key = key
         return self.packed
 
-    def freeze(self, w_gate_up, w_down, *, quantize=None, group_size=None, **layout) -> None:
+    def freeze(self, w_gate_up, w_down, *, quantize=None, group_size=None, transposed=False, gate_up_interleaved=False):
         """Keep the current copy for these (placeholder) weights and these options only."""
-        self._key, self.frozen = self._key_of(w_gate_up, w_down, quantize, group_size, layout), True
+        key = self._key_of(w_gate_up, w_down, quantize, group_size, transposed, gate_up_interleaved)
+        self._key, self.frozen = key, True
 
     def clear(self) -> None:
         self.packed = self._key = None
@@ -266,7 +270,13 @@ def release_weights(
     weights), ``load_state_dict`` restores, loads, and releases again; ``restore_weights`` undoes this. Raises
     ``ValueError`` for weights that are not float32/bfloat16/float16 CPU tensors.
     """
-    if is_released(module):
+    options = dict(
+        quantize=quantize, group_size=group_size, transposed=transposed, gate_up_interleaved=gate_up_interleaved
+    )
+    record = module.__dict__.get(_RELEASED)
+    if record is not None:
+        if record.cache is cache and record.names == tuple(names) and record.options == options:
+            return cache.packed  # released already, as asked: nothing to unpack and pack again
         restore_weights(module)
     weights = tuple(module._parameters[name] for name in names)
     for name, w in zip(names, weights, strict=True):
@@ -276,9 +286,6 @@ def release_weights(
                 f"release_weights needs the experts' {name} as a float32/bfloat16/float16 CPU tensor (the packed "
                 f"CPU kernels serve only those), got {got}"
             )
-    options = dict(
-        quantize=quantize, group_size=group_size, transposed=transposed, gate_up_interleaved=gate_up_interleaved
-    )
     packed = cache.get(*weights, **options)
     placeholders = [torch.nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False) for w in weights]
     module._parameters.update(zip(names, placeholders, strict=True))

@@ -364,6 +364,9 @@ def test_released_weights_are_freed_and_give_the_same_answers(bias, dtype, gen):
         experts_bytes = sum(state[f"experts.{n}"].numel() for n in ("gate_up_proj", "down_proj")) * x.element_size()
         assert before - _weight_bytes(moe) == experts_bytes
         assert torch.equal(moe(x), expected), "the same packed copy runs"
+        pack = moe.experts.packed()
+        moe.release_expert_weights()  # released already: the same pack, nothing unpacked and packed again
+        assert moe.experts.packed() is pack and moe.experts.weights_released
         got = moe.state_dict()
         assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state), "exact for float"
     moe.restore_expert_weights()
