@@ -65,11 +65,19 @@ MAX_SLOTS = 2**31 - 1  # slot numbers and sorted positions are int32
 
 
 def routing(
-    topk_weights: object, topk_ids: object, *, tokens: int, num_experts: int, like: torch.Tensor, like_name: str
+    topk_weights: object,
+    topk_ids: object,
+    *,
+    tokens: int,
+    num_experts: int,
+    like: torch.Tensor,
+    like_name: str,
+    check_values: bool = True,
 ) -> None:
     """Routing weights ``[T, k]`` float32 (or float64) and ids ``[T, k]`` in ``[-1, E)`` for the
     ``tokens`` rows of ``like``, on its device. The id range is checked on CPU tensors in eager mode only (anywhere
-    else it would cost a host sync)."""
+    else it would cost a host sync), and not with ``check_values=False`` (for a caller whose kernel checks it and
+    raises the same ValueError)."""
     tensor("topk_weights", topk_weights, dim=2, floating=True)
     tensor("topk_ids", topk_ids, dim=2, integer=True)
     if topk_weights.shape != topk_ids.shape:
@@ -85,7 +93,7 @@ def routing(
         raise ValueError(f"T * k must be below 2^31, got {topk_ids.numel()}")
     same_device("topk_weights", topk_weights, like_name, like)
     same_device("topk_ids", topk_ids, like_name, like)
-    if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
+    if check_values and topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
         low, high = (v.item() for v in torch.aminmax(topk_ids))
         if low < -1 or high >= num_experts:
             raise ValueError(

@@ -242,11 +242,15 @@ def _validate_activation(activation, gated) -> None:
         raise ValueError("activation='swiglu_oai' needs gated=True")
 
 
-def _validate_routing_and_biases(hidden, E, width, topk_weights, topk_ids, b_gate_up, b_down) -> None:
+def _validate_routing_and_biases(
+    hidden, E, width, topk_weights, topk_ids, b_gate_up, b_down, check_values=True
+) -> None:  # fmt: skip
     """The checks of a call on E experts of first-projection width ``width`` (the weights' own are done)."""
     T, H = hidden.shape
     # A value check costs a host sync: done for CPU tensors in eager mode (the C++ kernel checks again).
-    _checks.routing(topk_weights, topk_ids, tokens=T, num_experts=E, like=hidden, like_name="hidden")
+    _checks.routing(
+        topk_weights, topk_ids, tokens=T, num_experts=E, like=hidden, like_name="hidden", check_values=check_values
+    )
     for name, bias, shape in (("b_gate_up", b_gate_up, (E, width)), ("b_down", b_down, (E, H))):
         if bias is None:
             continue

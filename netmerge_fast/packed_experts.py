@@ -447,7 +447,12 @@ def run(
     dispatch._validate_activation(activation, gated)
     inter = packed.intermediate_size
     width = 2 * inter if gated else inter
-    dispatch._validate_routing_and_biases(hidden, packed.num_experts, width, topk_weights, topk_ids, b_gate_up, b_down)
+    # The native kernel checks the id range as it sorts the slots (the same ValueError), so only the torch
+    # fall-back pays a scan of the ids here.
+    native = resolve("moe_experts_packed", backend, hidden.device, hidden.dtype) != "torch"
+    dispatch._validate_routing_and_biases(
+        hidden, packed.num_experts, width, topk_weights, topk_ids, b_gate_up, b_down, check_values=not native
+    )
     return run_validated(
         hidden, packed, topk_weights, topk_ids, activation, gated, b_gate_up, b_down, apply_weights_on_input, backend
     )

@@ -92,6 +92,24 @@ def test_decode_splits_each_expert_across_threads(T, dtype, pack, isa, gen):
     packed_vs_reference(args, kwargs, dtype, **pack)
 
 
+@pytest.mark.parametrize("pack", [{}, {"quantize": "int8", "group_size": 32}], ids=["float", "int8-g32"])
+@pytest.mark.parametrize("T", [1, 3, 64])
+def test_both_phases_in_one_region_on_any_thread_count(T, pack, isa, gen):
+    """Phase B tasks wait for their own expert's phase A tasks only: the same bits on 1, 2 and 3 threads (3 is
+    more than this machine's cores, so a waiting thread yields to the one it waits for), and the reference's
+    answer, with many experts of two row blocks at T = 64."""
+    args, kwargs = make_inputs(gen, T, 4, 16, 256, 520, dtype=torch.float32, bias=True, routed_nowhere=0.05)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(packed_vs_reference(args, kwargs, torch.float32, **pack)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+
+
 @pytest.mark.parametrize("T", [3, 40])  # decode-like and prefill-like row counts per expert
 @pytest.mark.parametrize("apply_weights_on_input", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
@@ -216,6 +234,14 @@ def test_errors_name_the_argument(gen):
         nf.moe_experts(hidden[:, :8], packed, None, weights, ids)
     with pytest.raises(ValueError, match="topk_ids must be in"):
         nf.moe_experts(hidden, packed, None, weights, ids + 10)
+    # Checked by the kernel in the ids' own type: an int64 id past 2^32 must not wrap into range as int32.
+    spread = torch.tensor([[0, 2]] * 4, dtype=torch.int32)
+    for bad, low, high in ((spread.long() + 2**32, 2**32, 2**32 + 2), (spread.short() - 3, -3, -1)):
+        with pytest.raises(ValueError, match=rf"topk_ids must be in \[-1, E=3\) .*got values in \[{low}, {high}\]"):
+            nf.moe_experts(hidden, packed, None, weights, bad)
+    with torch.no_grad():
+        nowhere = nf.moe_experts(hidden, packed, None, weights, torch.full((4, 2), -1, dtype=torch.int16))
+    assert torch.equal(nowhere, torch.zeros_like(hidden))
     with pytest.raises(ValueError, match="b_down must be"):
         nf.moe_experts(hidden, packed, None, weights, ids, b_down=torch.zeros(3, 5))
     with pytest.raises(ValueError, match="quantize must be one of"):

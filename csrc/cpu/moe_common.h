@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <array>
 #include <vector>
 
@@ -91,10 +92,34 @@ struct Permutation {
   int64_t rows = 0;                 // slots routed to an expert
 };
 
+// Raises the Python API's ValueError unless every id is in [-1, E). Checked in the ids' own integer type, before a
+// narrowing to int32 could wrap a bad id into the range.
+inline void check_expert_ids(const at::Tensor& ids, int64_t E) {
+  const at::Tensor wide = ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong ? ids.contiguous()
+                                                                                            : ids.to(at::kLong).contiguous();
+  const auto scan = [&](auto tag) {
+    using id_t = decltype(tag);
+    const id_t* p = wide.const_data_ptr<id_t>();
+    const int64_t n = wide.numel();
+    bool bad = false;
+    for (int64_t i = 0; i < n; ++i) bad |= (p[i] < -1) | (p[i] >= E);
+    if (!bad) return;
+    const auto [low, high] = std::minmax_element(p, p + n);
+    TORCH_CHECK_VALUE(false, "topk_ids must be in [-1, E=", E, ") (-1: routed nowhere), got values in [", *low, ", ",
+                      *high, "]");
+  };
+  if (wide.scalar_type() == at::kInt) {
+    scan(int32_t{});
+  } else {
+    scan(int64_t{});
+  }
+}
+
 inline Permutation permute(const int32_t* ids, int64_t slots, int64_t E, const at::TensorOptions& options) {
   Permutation p;
-  for (int64_t s = 0; s < slots; ++s)
-    TORCH_CHECK(ids[s] >= -1 && ids[s] < E, "moe_experts: topk_ids must be in [-1, E)");
+  bool bad = false;
+  for (int64_t s = 0; s < slots; ++s) bad |= (ids[s] < -1) | (ids[s] >= E);
+  TORCH_CHECK_VALUE(!bad, "moe_experts: topk_ids must be in [-1, E=", E, ")");
   std::vector<int64_t> counts(E + 1), cursor(E + 1);
   p.starts.resize(E + 2);
   auto int32 = options.dtype(at::kInt);
@@ -105,7 +130,8 @@ inline Permutation permute(const int32_t* ids, int64_t slots, int64_t E, const a
   K::segment_starts(counts.data(), E, p.starts.data());
   K::place_slots(ids, slots, E, p.starts.data(), cursor.data(), p.sorted.data_ptr<int32_t>(),
                  p.position.data_ptr<int32_t>());
-  for (int64_t e = 0; e <= E; ++e) p.offsets.data_ptr<int32_t>()[e] = static_cast<int32_t>(p.starts[e]);
+  int32_t* offsets = p.offsets.data_ptr<int32_t>();
+  for (int64_t e = 0; e <= E; ++e) offsets[e] = static_cast<int32_t>(p.starts[e]);
   p.rows = p.starts[E];
   p.row_expert.resize(p.rows);
   for (int64_t e = 0; e < E; ++e)

@@ -12,11 +12,12 @@
 // activation here, so the padded units add nothing to the down projection.
 //
 // A call: permutation (moe_common.h) -> phase A tasks (expert, row block, panels): gate+up micro-kernel, bias,
-// activation -> act [rows, Ip] float -> phase B tasks: down micro-kernel -> y [rows, H] float -> combine. bfloat16
-// and int8 panels are widened to float in the micro-kernel (a shift, or a sign extension and a convert), so the
-// arithmetic is float32 FMA everywhere; int8 scales multiply each group's sums. Intermediate values are rounded
-// to hidden's dtype where moe_experts rounds them (the GEMM outputs, the biased pre-activation, the activation),
-// so the two paths agree to summation order.
+// activation -> act [rows, Ip] float -> phase B tasks (each after its expert's phase A tasks, in the same
+// parallel region): down micro-kernel -> y [rows, H] float -> combine. bfloat16 and int8 panels are widened to
+// float in the micro-kernel (a shift, or a sign extension and a convert), so the arithmetic is float32 FMA
+// everywhere; int8 scales multiply each group's sums. Intermediate values are rounded to hidden's dtype where
+// moe_experts rounds them (the GEMM outputs, the biased pre-activation, the activation), so the two paths agree
+// to summation order.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -25,7 +26,9 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -286,16 +289,18 @@ std::vector<Task> plan_tasks(const std::vector<int64_t>& starts, int64_t E, int6
   return tasks;
 }
 
-// The row tiles of n rows, as (first row, rows): as even as possible, none above the micro-kernel's maximum.
-std::vector<std::pair<int64_t, int>> row_tiles(int64_t n, int max_rows) {
-  std::vector<std::pair<int64_t, int>> tiles;
-  const int64_t count = at::divup(n, max_rows);
-  for (int64_t t = 0, r = 0; t < count; ++t) {
-    const int64_t mr = (n - r) / (count - t);
-    tiles.emplace_back(r, static_cast<int>(mr));
-    r += mr;
+// Returns once `count` is zero (acquire: what its last decrement released is visible). Spins briefly, then
+// yields, so that on an oversubscribed machine the thread it waits for gets the core.
+inline void wait_until_zero(const std::atomic<int32_t>& count) {
+  for (int spins = 0; count.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < 256) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
   }
-  return tiles;
 }
 
 // Rows of k per block for a task of `rows` rows: the whole of K when the task's input block fits
@@ -310,53 +315,51 @@ int64_t k_block(int64_t K, int64_t rows, int64_t group) {
   return group > 0 ? std::max<int64_t>(1, block / group) * group : block;
 }
 
-// One phase: every task's rows times its panels, k block by k block (each block of the task's input rows is
+// One task of a phase: its rows times its panels, k block by k block (each block of the task's input rows is
 // read from L2 by all its panels), tiles accumulated in a per-thread `sums` ([panel][rows][NR]), then
 // `finish(panel, first row, rows, sums of the panel)` once per panel.
 template <Format F, int NV, typename Finish>
-void run_phase(const std::vector<Task>& tasks, const float* const* rows, int64_t K, int64_t panels,
-               const char* weights, int64_t panel_bytes, const float* scales, int64_t groups, int64_t group,
-               double flops, const Finish& finish) {
+void run_task(const Task& t, const float* const* rows, int64_t K, int64_t panels, const char* weights,
+              int64_t panel_bytes, const float* scales, int64_t groups, int64_t group, const Finish& finish) {
   constexpr int64_t NR = NV * L;
   constexpr int MR = max_rows<NV, F>();
   const int64_t step_bytes = panel_bytes / K;
-  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
-    const Task& t = tasks[i];
-    const int64_t n = t.r1 - t.r0, width = t.p1 - t.p0;
-    thread_local std::vector<float> buffer;
-    buffer.resize(std::max<size_t>(buffer.size(), static_cast<size_t>(n * width * NR)));
-    float* sums = buffer.data();
-    const auto tiles = row_tiles(n, MR);
-    const float* const* a = rows + t.r0;
-    const int64_t block = k_block<F, NV>(K, n, group);
-    const char* first_panel = weights + (t.expert * panels + t.p0) * panel_bytes;
-    const bool fetch = F != Format::kFloat || n > kDecodeRows;
-    for (int64_t k0 = 0; k0 < K; k0 += block) {
-      const int64_t k1 = std::min(K, k0 + block);
-      for (int64_t p = 0; p < width; ++p) {
-        const int64_t panel = t.expert * panels + t.p0 + p;
-        const char* w = weights + panel * panel_bytes;
-        const float* panel_scales = scales ? scales + panel * groups * NR : nullptr;
-        // While the tiles read this block, the next panel's block (or the first panel's next block) comes into
-        // L2, each tile fetching its share. Not for float32 decode, whose few FMAs per byte leave the stream to
-        // the hardware prefetcher (measured: software prefetch there cost 5-15%).
-        const char* ahead = !fetch ? nullptr
-                            : p + 1 < width ? w + panel_bytes + k0 * step_bytes
-                            : k1 < K        ? first_panel + k1 * step_bytes
-                                            : nullptr;
-        const int64_t ahead_bytes = (p + 1 < width ? k1 - k0 : std::min(K, k1 + block) - k1) * step_bytes;
-        const int64_t share = at::divup(at::divup(ahead_bytes, int64_t{64}), static_cast<int64_t>(tiles.size())) * 64;
-        for (size_t i = 0; i < tiles.size(); ++i) {
-          const auto [r, mr] = tiles[i];
-          const int64_t offset = static_cast<int64_t>(i) * share;
-          run_tile<F, NV>(mr, a + r, k0, k1, w, panel_scales, group, sums + (p * n + r) * NR, k0 == 0, k1 == K,
-                          ahead != nullptr && offset < ahead_bytes ? ahead + offset : nullptr,
-                          std::min(share, ahead_bytes - offset));
-        }
+  const int64_t n = t.r1 - t.r0, width = t.p1 - t.p0;
+  thread_local std::vector<float> buffer;
+  buffer.resize(std::max<size_t>(buffer.size(), static_cast<size_t>(n * width * NR)));
+  float* sums = buffer.data();
+  // Row tiles as even as possible, none above the micro-kernel's maximum.
+  const int64_t tiles = at::divup(n, MR);
+  const float* const* a = rows + t.r0;
+  const int64_t block = k_block<F, NV>(K, n, group);
+  const char* first_panel = weights + (t.expert * panels + t.p0) * panel_bytes;
+  const bool fetch = F != Format::kFloat || n > kDecodeRows;
+  for (int64_t k0 = 0; k0 < K; k0 += block) {
+    const int64_t k1 = std::min(K, k0 + block);
+    for (int64_t p = 0; p < width; ++p) {
+      const int64_t panel = t.expert * panels + t.p0 + p;
+      const char* w = weights + panel * panel_bytes;
+      const float* panel_scales = scales ? scales + panel * groups * NR : nullptr;
+      // While the tiles read this block, the next panel's block (or the first panel's next block) comes into
+      // L2, each tile fetching its share. Not for float32 decode, whose few FMAs per byte leave the stream to
+      // the hardware prefetcher (measured: software prefetch there cost 5-15%).
+      const char* ahead = !fetch ? nullptr
+                          : p + 1 < width ? w + panel_bytes + k0 * step_bytes
+                          : k1 < K        ? first_panel + k1 * step_bytes
+                                          : nullptr;
+      const int64_t ahead_bytes = (p + 1 < width ? k1 - k0 : std::min(K, k1 + block) - k1) * step_bytes;
+      const int64_t share = at::divup(at::divup(ahead_bytes, int64_t{64}), tiles) * 64;
+      for (int64_t i = 0, r = 0; i < tiles; ++i) {
+        const int mr = static_cast<int>((n - r) / (tiles - i));
+        const int64_t offset = i * share;
+        run_tile<F, NV>(mr, a + r, k0, k1, w, panel_scales, group, sums + (p * n + r) * NR, k0 == 0, k1 == K,
+                        ahead != nullptr && offset < ahead_bytes ? ahead + offset : nullptr,
+                        std::min(share, ahead_bytes - offset));
+        r += mr;
       }
     }
-    for (int64_t p = 0; p < width; ++p) finish(t.p0 + p, t.r0, n, static_cast<const float*>(sums + p * n * NR));
-  }, flops, static_cast<double>(tasks.size()) * panel_bytes);
+  }
+  for (int64_t p = 0; p < width; ++p) finish(t.p0 + p, t.r0, n, static_cast<const float*>(sums + p * n * NR));
 }
 
 template <Format F, int NV, typename scalar_t>
@@ -371,53 +374,69 @@ void run_phases(const Shape& s, const Permutation& perm, const float* const* row
   const int64_t group2 = down_scales && s.group2 < s.K2 ? s.group2 : 0;
   const int64_t groups1 = at::divup(s.K1, s.group1), groups2 = at::divup(s.K2, s.group2);
 
-  // Phase A: gate and up, bias, activation -> act_rows.
-  run_phase<F, NV>(
-      plan_tasks(perm.starts, s.E, s.P1, NR, bytes1), row_ptr, s.K1, s.P1, static_cast<const char*>(gate_up),
-      bytes1, gate_up_scales, groups1, group1, 2.0 * perm.rows * s.P1 * NR * s.K1,
-      [&](int64_t p, int64_t row0, int64_t rows, const float* sums) {
-        // The panel's bias columns (zero past I), in the tile's column order.
-        alignas(64) float bias[NR];
-        if (b_gate_up) {
-          const scalar_t* b = b_gate_up + perm.row_expert[row0] * (s.gated ? 2 * s.I : s.I);
-          for (int64_t c = 0; c < NR; ++c) {
-            const int64_t unit = p * s.U + (c % s.U);
-            bias[c] = unit < s.I ? static_cast<float>(b[(c >= s.U ? s.I : 0) + unit]) : 0.f;
-          }
-        }
-        for (int64_t j = 0; j < rows; ++j) {
-          const float* pre = sums + j * NR;
-          float* out = act_rows + (row0 + j) * s.Ip + p * s.U;
-          for (int64_t c = 0; c < s.U; c += L) {
-            const int64_t n = std::min(L, s.U - c);
-            Vec g = round_to<scalar_t>(Vec::loadu(pre + c, n));
-            Vec u = s.gated ? round_to<scalar_t>(Vec::loadu(pre + s.U + c, n)) : Vec(0.f);
-            if (b_gate_up) {
-              g = round_to<scalar_t>(g + Vec::loadu(bias + c, n));
-              if (s.gated) u = round_to<scalar_t>(u + Vec::loadu(bias + s.U + c, n));
-            }
-            const Vec y = s.gated ? gated_act(s.activation, g, u) : act(s.activation, g);
-            round_to<scalar_t>(y).store(out + c, n);
-          }
-        }
-      });
-
-  // Phase B: down projection -> y_rows.
+  // Phase A (gate and up, bias, activation -> act_rows) and phase B (down projection -> y_rows) share one
+  // parallel region: a phase B task waits only for the phase A tasks of its own expert, which were all taken
+  // before it (tasks are taken in order), so no thread idles at a barrier between the phases and the other
+  // threads are woken once per call.
+  const auto tasks_a = plan_tasks(perm.starts, s.E, s.P1, NR, bytes1);
+  const auto tasks_b = plan_tasks(perm.starts, s.E, s.P2, NR, bytes2);
+  const int64_t count_a = static_cast<int64_t>(tasks_a.size());
+  std::vector<std::atomic<int32_t>> pending(s.E);
+  for (const Task& t : tasks_a) pending[t.expert].fetch_add(1, std::memory_order_relaxed);
   std::vector<const float*> act_ptr(perm.rows);
   for (int64_t r = 0; r < perm.rows; ++r) act_ptr[r] = act_rows + r * s.Ip;
-  run_phase<F, NV>(
-      plan_tasks(perm.starts, s.E, s.P2, NR, bytes2), act_ptr.data(), s.K2, s.P2, static_cast<const char*>(down),
-      bytes2, down_scales, groups2, group2, 2.0 * perm.rows * s.P2 * NR * s.K2,
-      [&](int64_t p, int64_t row0, int64_t rows, const float* sums) {
-        const int64_t columns = std::min(NR, s.H - p * NR);
-        for (int64_t j = 0; j < rows; ++j) {
-          float* out = y_rows + (row0 + j) * s.H + p * NR;
-          for (int64_t c = 0; c < columns; c += L) {
-            const int64_t n = std::min(L, columns - c);
-            round_to<scalar_t>(Vec::loadu(sums + j * NR + c, n)).store(out + c, n);
-          }
+
+  const auto finish_a = [&](int64_t p, int64_t row0, int64_t rows, const float* sums) {
+    // The panel's bias columns (zero past I), in the tile's column order.
+    alignas(64) float bias[NR];
+    if (b_gate_up) {
+      const scalar_t* b = b_gate_up + perm.row_expert[row0] * (s.gated ? 2 * s.I : s.I);
+      for (int64_t c = 0; c < NR; ++c) {
+        const int64_t unit = p * s.U + (c % s.U);
+        bias[c] = unit < s.I ? static_cast<float>(b[(c >= s.U ? s.I : 0) + unit]) : 0.f;
+      }
+    }
+    for (int64_t j = 0; j < rows; ++j) {
+      const float* pre = sums + j * NR;
+      float* out = act_rows + (row0 + j) * s.Ip + p * s.U;
+      for (int64_t c = 0; c < s.U; c += L) {
+        const int64_t n = std::min(L, s.U - c);
+        Vec g = round_to<scalar_t>(Vec::loadu(pre + c, n));
+        Vec u = s.gated ? round_to<scalar_t>(Vec::loadu(pre + s.U + c, n)) : Vec(0.f);
+        if (b_gate_up) {
+          g = round_to<scalar_t>(g + Vec::loadu(bias + c, n));
+          if (s.gated) u = round_to<scalar_t>(u + Vec::loadu(bias + s.U + c, n));
         }
-      });
+        const Vec y = s.gated ? gated_act(s.activation, g, u) : act(s.activation, g);
+        round_to<scalar_t>(y).store(out + c, n);
+      }
+    }
+  };
+  const auto finish_b = [&](int64_t p, int64_t row0, int64_t rows, const float* sums) {
+    const int64_t columns = std::min(NR, s.H - p * NR);
+    for (int64_t j = 0; j < rows; ++j) {
+      float* out = y_rows + (row0 + j) * s.H + p * NR;
+      for (int64_t c = 0; c < columns; c += L) {
+        const int64_t n = std::min(L, columns - c);
+        round_to<scalar_t>(Vec::loadu(sums + j * NR + c, n)).store(out + c, n);
+      }
+    }
+  };
+  const double flops = 2.0 * perm.rows * NR * (s.P1 * s.K1 + s.P2 * s.K2);
+  const double bytes = static_cast<double>(count_a) * bytes1 + static_cast<double>(tasks_b.size()) * bytes2;
+  parallel_tasks(count_a + static_cast<int64_t>(tasks_b.size()), [&](int64_t i) {
+    if (i < count_a) {
+      const Task& t = tasks_a[i];
+      run_task<F, NV>(t, row_ptr, s.K1, s.P1, static_cast<const char*>(gate_up), bytes1, gate_up_scales, groups1,
+                      group1, finish_a);
+      pending[t.expert].fetch_sub(1, std::memory_order_release);
+      return;
+    }
+    const Task& t = tasks_b[i - count_a];
+    wait_until_zero(pending[t.expert]);
+    run_task<F, NV>(t, act_ptr.data(), s.K2, s.P2, static_cast<const char*>(down), bytes2, down_scales, groups2,
+                    group2, finish_b);
+  }, flops, bytes);
 }
 
 template <Format F, typename scalar_t>
@@ -500,6 +519,7 @@ at::Tensor moe_experts_packed(const at::Tensor& hidden, const at::Tensor& gate_u
   TORCH_CHECK(s.format != Format::kBf16Pairs || dtype == at::kBFloat16,
               "moe_experts_packed: bfloat16 panels serve bfloat16 hidden states");
   const int64_t k = topk_ids.size(1), slots = T * k, width = gated ? 2 * s.I : s.I;
+  check_expert_ids(topk_ids, s.E);
   const auto ids = topk_ids.contiguous().to(at::kInt);
   const auto weights = topk_weights.contiguous().to(at::kFloat);
   at::Tensor bgu, bd;
