@@ -82,17 +82,23 @@ inline Vec load_int8(const int8_t* p) {
 }
 
 // L consecutive k-pairs of bfloat16 weights (one 32-bit word each, k in the low half): the float values for k
-// (word << 16) and for k + 1 (the high half in place).
-inline void load_bf16_pairs(const uint32_t* p, Vec& lo, Vec& hi) {
+// (word << 16) and for k + 1 (the high half in place). `high_mask`: the high halves' mask, for tiles with a
+// vector register to spare for it (one AND instead of two shifts).
+template <bool kMaskRegister>
+inline void load_bf16_pairs(const uint32_t* p, Vec& lo, Vec& hi, const Vec& high_mask) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512i words = _mm512_loadu_si512(p);
   lo = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
-  hi = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+  hi = _mm512_and_ps(_mm512_castsi512_ps(words), high_mask);
 #elif defined(CPU_CAPABILITY_AVX2)
-  // Immediate shifts: no constant register (the 6-row tile needs all 16).
   const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   lo = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
-  hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(words, 16), 16));
+  if constexpr (kMaskRegister) {
+    hi = _mm256_and_ps(_mm256_castsi256_ps(words), high_mask);
+  } else {
+    // Immediate shifts: no constant register (the 6-row tile needs all 16).
+    hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(words, 16), 16));
+  }
 #else
   const VecI words = VecI::loadu(p);
   lo = at::vec::cast<float>(words << VecI(16));
@@ -116,15 +122,16 @@ inline NETMERGE_INLINE void unroll(const Fn& f) {
 
 // The weights of one unit of a panel (one k; a k-pair for bf16) as float vectors: w[j][v] for the unit's
 // k-step j and vector v.
-template <Format F, int NV>
-inline NETMERGE_INLINE void load_unit(const void* p, Vec (&w)[F == Format::kBf16Pairs ? 2 : 1][NV]) {
+template <Format F, int NV, bool kMaskRegister>
+inline NETMERGE_INLINE void load_unit(const void* p, Vec (&w)[F == Format::kBf16Pairs ? 2 : 1][NV],
+                                      const Vec& high_mask) {
   unroll<NV>([&](auto v) NETMERGE_INLINE {
     if constexpr (F == Format::kFloat) {
       w[0][v] = Vec::loadu(static_cast<const float*>(p) + v * L);
     } else if constexpr (F == Format::kInt8) {
       w[0][v] = load_int8(static_cast<const int8_t*>(p) + v * L);
     } else {
-      load_bf16_pairs(static_cast<const uint32_t*>(p) + v * L, w[0][v], w[1][v]);
+      load_bf16_pairs<kMaskRegister>(static_cast<const uint32_t*>(p) + v * L, w[0][v], w[1][v], high_mask);
     }
   });
 }
@@ -149,6 +156,9 @@ void micro_tile(const float* const* a, int64_t k0, int64_t k1, const void* panel
   constexpr int64_t kFetchStep = std::max<int64_t>(U * kUnitBytes, 64);
   const char* fetch = ahead;
   const char* const fetch_end = ahead + (ahead != nullptr ? ahead_bytes : 0);
+  // The accumulators, one unit's weights, a broadcast and the bf16 mask in 16 vector registers (AVX2)?
+  constexpr bool kMaskRegister = S * MR * NV + kSteps * NV + 2 <= 16;
+  const Vec high_mask(at::vec::cast<float>(VecI(static_cast<int32_t>(0xFFFF0000u))));
   const float* rows[MR];
   unroll<MR>([&](auto r) NETMERGE_INLINE { rows[r] = a[r]; });
   const int64_t span = group > 0 ? group : k1 - k0;
@@ -166,7 +176,7 @@ void micro_tile(const float* const* a, int64_t k0, int64_t k1, const void* panel
     // One unit's FMAs at k, its k-step j into set (base + j) % S.
     const auto fma_unit = [&](int64_t k, const char* p, auto base) NETMERGE_INLINE {
       Vec w[kSteps][NV];
-      load_unit<F, NV>(p, w);
+      load_unit<F, NV, kMaskRegister>(p, w, high_mask);
       unroll<kSteps>([&](auto j) NETMERGE_INLINE {
         constexpr int set = (decltype(base)::value + decltype(j)::value) % S;
         unroll<MR>([&](auto r) NETMERGE_INLINE {
