@@ -186,3 +186,24 @@ def test_best_experts_sharing_a_lane_or_tied(options, gen):
         ref_w, ref_ids = _loop_routing(x, k, **options)
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(w, ref_w, rtol=2e-5, atol=1e-6)
+
+
+def test_sigmoid_against_float64_over_the_whole_range():
+    """The kernels' own sigmoid (a polynomial exp): weights of unrenormalised sigmoid routing against float64 for
+    logits across the float range, infinities and NaN (read as -inf), in both row layouts."""
+    big = torch.finfo(torch.float32).max
+    values = torch.cat(
+        [
+            torch.linspace(-120, 120, 24001),
+            torch.tensor([-big, big, -1e30, 1e30, -87.5, -87.3, -87.0, -1e-30, 1e-30, 0.0, -0.0]),
+            torch.tensor([-math.inf, math.inf, math.nan]),
+        ]
+    )
+    for E in (8, 128):  # blocks of rows (k * E <= 64 lanes) and the fused row path
+        x = torch.cat([values, values[: (-values.numel()) % E]]).view(-1, E)
+        w, ids = nf.topk_gating(x, 8, scoring="sigmoid", renormalize=False, backend="cpu")
+        chosen = x.double().gather(1, ids.long()).nan_to_num(nan=-math.inf)
+        expected = torch.sigmoid(chosen)
+        torch.testing.assert_close(w.double(), expected, rtol=3e-7, atol=1e-7)
+        assert (w[chosen == math.inf] == 1.0).all() and (w[chosen == -math.inf] == 0.0).all()
+        assert (w[chosen > 17] == 1.0).all(), "exactly 1 where exp(-x) is below float resolution"
