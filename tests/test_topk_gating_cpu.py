@@ -33,6 +33,15 @@ LAYOUTS = [
     (160, 6, {"num_groups": 8, "topk_groups": 3, "scale": 16.0}),
     (96, 20, {"num_groups": 8, "topk_groups": 1}),  # the chosen groups hold fewer than k experts
     (300, 17, {}),  # k above both vector widths
+    # The fused row path (k <= R, whole vectors of experts, groups of whole vectors): every key kind (logit,
+    # sigmoid + bias, softmax + bias with the full statistics, logit with the statistics), few picks whose
+    # whole-register stores spill over the next rows' slots, groups fewer than R.
+    (128, 8, {"renormalize": False}),
+    (512, 2, {}),
+    (512, 3, {"scoring": "sigmoid"}),
+    (128, 8, {"num_groups": 4, "topk_groups": 2}),
+    (256, 6, {"num_groups": 8, "topk_groups": 2, "group_score": "top2_sum"}),
+    (256, 8, {"scoring": "sigmoid", "num_groups": 2, "topk_groups": 1, "group_score": "top2_sum"}),
 ]
 
 
@@ -132,3 +141,69 @@ def test_non_finite_rows_in_both_layouts():
         assert ids[1].tolist() == list(range(k)) and w[1].tolist() == [0.0] * k
         assert ids[2, 0] == 5 and w[2].tolist() == [1.0] + [0.0] * (k - 1)
         assert ids[3, :2].tolist() == [2, 6] and w[3].tolist() == [0.5, 0.5] + [0.0] * (k - 2)
+
+
+@pytest.mark.parametrize("E,k,options", LAYOUTS, ids=lambda v: str(v) if not isinstance(v, dict) else "")
+def test_threads_and_row_pairs_give_the_same_bits(E, k, options, gen):
+    """Rows go in pairs to the fused path and in chunks to threads, whose last rows cannot spill whole-register
+    stores into the next chunk: any thread count and any T give every row the bits it gets alone."""
+    options = _with_bias(E, options, gen)
+    x = torch.randn(203, E, generator=gen) * 2
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        w1, ids1 = nf.topk_gating(x, k, backend="cpu", **options)
+        torch.set_num_threads(2)
+        w2, ids2 = nf.topk_gating(x, k, backend="cpu", **options)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(ids1, ids2) and torch.equal(w1, w2)
+    for row in (0, 101, 202):
+        w, ids = nf.topk_gating(x[row : row + 1], k, backend="cpu", **options)
+        assert torch.equal(ids[0], ids1[row]) and torch.equal(w[0], w1[row])
+    check_routing(x, k, options, "cpu")
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"renormalize": False}, {"scoring": "sigmoid", "num_groups": 4, "group_score": "top2_sum"}]
+)
+def test_best_experts_sharing_a_lane_or_tied(options, gen):
+    """The fused row path ranks the k best in registers when its threshold finds exactly k distinct candidates;
+    rows whose best experts share a vector lane (more than three of them) or tie take the general ranking."""
+    E, k = 128, 8
+    if "num_groups" in options:
+        options = dict(options, topk_groups=2, bias=torch.randn(E, generator=gen) * 0.1)
+    x = torch.randn(64, E, generator=gen)
+    lane = torch.arange(0, E, 16)[:6]  # the same lane for 8 and 16 lanes
+    for r in range(0, 16):
+        x[r, lane] = 5.0 + torch.rand(len(lane), generator=gen)  # six of the best in one lane
+    for r in range(16, 32):
+        x[r, lane[: 2 + r % 4]] = 6.0  # ties among the best
+    for r in range(32, 40):
+        x[r, torch.randperm(E, generator=gen)[:k]] = 4.0  # the k best all equal
+    w, ids = check_routing(x, k, options, "cpu", max_ambiguous=0.3)
+    if "num_groups" not in options:
+        ref_w, ref_ids = _loop_routing(x, k, **options)
+        assert torch.equal(ids, ref_ids)
+        torch.testing.assert_close(w, ref_w, rtol=2e-5, atol=1e-6)
+
+
+def test_sigmoid_against_float64_over_the_whole_range():
+    """The kernels' own sigmoid (a polynomial exp): weights of unrenormalised sigmoid routing against float64 for
+    logits across the float range, infinities and NaN (read as -inf), in both row layouts."""
+    big = torch.finfo(torch.float32).max
+    values = torch.cat(
+        [
+            torch.linspace(-120, 120, 24001),
+            torch.tensor([-big, big, -1e30, 1e30, -87.5, -87.3, -87.0, -1e-30, 1e-30, 0.0, -0.0]),
+            torch.tensor([-math.inf, math.inf, math.nan]),
+        ]
+    )
+    for E in (8, 128):  # blocks of rows (k * E <= 64 lanes) and the fused row path
+        x = torch.cat([values, values[: (-values.numel()) % E]]).view(-1, E)
+        w, ids = nf.topk_gating(x, 8, scoring="sigmoid", renormalize=False, backend="cpu")
+        chosen = x.double().gather(1, ids.long()).nan_to_num(nan=-math.inf)
+        expected = torch.sigmoid(chosen)
+        torch.testing.assert_close(w.double(), expected, rtol=3e-7, atol=1e-7)
+        assert (w[chosen == math.inf] == 1.0).all() and (w[chosen == -math.inf] == 0.0).all()
+        assert (w[chosen > 17] == 1.0).all(), "exactly 1 where exp(-x) is below float resolution"
