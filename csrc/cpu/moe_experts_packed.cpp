@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <thread>
 #include <type_traits>
@@ -299,16 +300,19 @@ std::vector<Task> plan_tasks(const std::vector<int64_t>& starts, int64_t E, int6
   return tasks;
 }
 
-// Returns once `count` is zero (acquire: what its last decrement released is visible). Spins briefly, then
-// yields, so that on an oversubscribed machine the thread it waits for gets the core.
+// Returns once `count` is zero (acquire: what its last decrement released is visible). Spins briefly (the usual
+// wait, if any, is the end of a task on the other thread), then yields, then sleeps: on an oversubscribed machine
+// the thread it waits for may have lost its core, and a sleeping waiter lets the scheduler run it on this one.
 inline void wait_until_zero(const std::atomic<int32_t>& count) {
   for (int spins = 0; count.load(std::memory_order_acquire) != 0; ++spins) {
     if (spins < 256) {
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
 #endif
-    } else {
+    } else if (spins < 320) {
       std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
   }
 }
