@@ -620,6 +620,18 @@ def test_bad_input_names_the_argument(call, exc, needle):
         nf.moe_experts(**call)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+def test_cpu_kernel_checks_ids_before_narrowing_them(gen):
+    """The kernel's own check (what a caller past the Python checks, or torch.compile, relies on) reads the ids in
+    their own type: an int64 id past 2^32 would wrap into range as int32."""
+    hidden, w_gate_up, w_down, weights, _ = make_inputs(gen, 2, 2, 3, 16, 8)[0]
+    op = torch.ops.netmerge.moe_experts.default
+    cases = ((torch.tensor([[0, 2], [1, 2**32]]), 0, 2**32), (torch.tensor([[0, 5], [1, 2]]).byte(), 0, 5))
+    for ids, low, high in cases:
+        with pytest.raises(ValueError, match=rf"topk_ids must be in \[-1, E=3\) .*got values in \[{low}, {high}\]"):
+            op(hidden, w_gate_up, w_down, weights, ids, "silu", True, None, None, False, False)
+
+
 def test_float64_on_a_fused_only_backend_is_a_clear_error():
     if "triton" not in FUSED:
         pytest.skip("needs the triton backend")

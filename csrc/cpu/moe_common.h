@@ -84,6 +84,7 @@ inline at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::Tensor
 
 // The T * k slots grouped by expert with one stable counting sort (increasing slot index within an expert).
 struct Permutation {
+  at::Tensor ids;       // [T * k] int32: topk_ids, contiguous
   at::Tensor sorted;    // [T * k] int32: slot ids, expert by expert; slots routed nowhere (-1) last
   at::Tensor position;  // [T * k] int32: where each slot went
   at::Tensor offsets;   // [E + 1] int32
@@ -92,15 +93,13 @@ struct Permutation {
   int64_t rows = 0;                 // slots routed to an expert
 };
 
-// Raises the Python API's ValueError unless every id is in [-1, E). Checked in the ids' own integer type, before a
-// narrowing to int32 could wrap a bad id into the range.
+// Raises the Python API's ValueError unless every id is in [-1, E). Checked in the ids' own integer type, before
+// the narrowing to int32 could wrap a bad id into the range.
 inline void check_expert_ids(const at::Tensor& ids, int64_t E) {
-  const at::Tensor wide = ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong ? ids.contiguous()
-                                                                                            : ids.to(at::kLong).contiguous();
   const auto scan = [&](auto tag) {
     using id_t = decltype(tag);
-    const id_t* p = wide.const_data_ptr<id_t>();
-    const int64_t n = wide.numel();
+    const id_t* p = ids.const_data_ptr<id_t>();
+    const int64_t n = ids.numel();
     bool bad = false;
     for (int64_t i = 0; i < n; ++i) bad |= (p[i] < -1) | (p[i] >= E);
     if (!bad) return;
@@ -108,18 +107,22 @@ inline void check_expert_ids(const at::Tensor& ids, int64_t E) {
     TORCH_CHECK_VALUE(false, "topk_ids must be in [-1, E=", E, ") (-1: routed nowhere), got values in [", *low, ", ",
                       *high, "]");
   };
-  if (wide.scalar_type() == at::kInt) {
+  if (ids.scalar_type() == at::kInt) {
     scan(int32_t{});
   } else {
     scan(int64_t{});
   }
 }
 
-inline Permutation permute(const int32_t* ids, int64_t slots, int64_t E, const at::TensorOptions& options) {
+// topk_ids [T, k] (any integer type) checked, as int32, and its slots sorted by expert.
+inline Permutation permute(const at::Tensor& topk_ids, int64_t E, const at::TensorOptions& options) {
   Permutation p;
-  bool bad = false;
-  for (int64_t s = 0; s < slots; ++s) bad |= (ids[s] < -1) | (ids[s] >= E);
-  TORCH_CHECK_VALUE(!bad, "moe_experts: topk_ids must be in [-1, E=", E, ")");
+  const bool int32_or_64 = topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong;
+  const at::Tensor given = int32_or_64 ? topk_ids.contiguous() : topk_ids.to(at::kLong).contiguous();
+  check_expert_ids(given, E);
+  p.ids = given.to(at::kInt).reshape({-1});
+  const int32_t* ids = p.ids.const_data_ptr<int32_t>();
+  const int64_t slots = p.ids.numel();
   std::vector<int64_t> counts(E + 1), cursor(E + 1);
   p.starts.resize(E + 2);
   auto int32 = options.dtype(at::kInt);

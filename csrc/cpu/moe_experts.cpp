@@ -91,15 +91,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts(
   const auto in_place = [](const at::Tensor& w) { return w.stride(2) == 1 || w.stride(1) == 1; };
   const auto wgu = in_place(w_gate_up) ? w_gate_up : w_gate_up.contiguous();
   const auto wd = in_place(w_down) ? w_down : w_down.contiguous();
-  const auto ids = topk_ids.contiguous().to(at::kInt);
   const auto weights = topk_weights.contiguous().to(hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor bgu, bd;
   if (b_gate_up) bgu = b_gate_up->to(dtype).contiguous();
   if (b_down) bd = b_down->to(dtype).contiguous();
 
   // 1. Permutation: sorted slot ids, each slot's row, each row's expert.
-  const int32_t* id_ptr = ids.const_data_ptr<int32_t>();
-  const Permutation perm = permute(id_ptr, slots, E, hidden.options());
+  const Permutation perm = permute(topk_ids, E, hidden.options());
+  const int32_t* id_ptr = perm.ids.const_data_ptr<int32_t>();
   const int64_t rows = perm.rows;
   const auto& starts = perm.starts;
   const auto& sorted = perm.sorted;

@@ -532,9 +532,7 @@ at::Tensor moe_experts_packed(const at::Tensor& hidden, const at::Tensor& gate_u
               "moe_experts_packed: topk_weights and topk_ids must be [T, k]");
   TORCH_CHECK(s.format != Format::kBf16Pairs || dtype == at::kBFloat16,
               "moe_experts_packed: bfloat16 panels serve bfloat16 hidden states");
-  const int64_t k = topk_ids.size(1), slots = T * k, width = gated ? 2 * s.I : s.I;
-  check_expert_ids(topk_ids, s.E);
-  const auto ids = topk_ids.contiguous().to(at::kInt);
+  const int64_t k = topk_ids.size(1), width = gated ? 2 * s.I : s.I;
   const auto weights = topk_weights.contiguous().to(at::kFloat);
   at::Tensor bgu, bd;
   if (b_gate_up) {
@@ -546,8 +544,8 @@ at::Tensor moe_experts_packed(const at::Tensor& hidden, const at::Tensor& gate_u
     bd = b_down->to(dtype).contiguous();
   }
   auto out = at::empty({T, H}, hidden.options());
-  const int32_t* id_ptr = ids.const_data_ptr<int32_t>();
-  const Permutation perm = permute(id_ptr, slots, s.E, hidden.options());
+  const Permutation perm = permute(topk_ids, s.E, hidden.options());
+  const int32_t* id_ptr = perm.ids.const_data_ptr<int32_t>();
   if (T == 0) return out;
   const int64_t rows = perm.rows;
   const auto float_options = hidden.options().dtype(at::kFloat);
