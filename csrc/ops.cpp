@@ -21,6 +21,10 @@ namespace cpu = netmerge::cpu;
 
 }  // namespace
 
+namespace netmerge {
+void bind_python_calls(pybind11::module_& m);  // csrc/python_calls.cpp
+}
+
 TORCH_LIBRARY(netmerge, m) {
   m.def(
       "topk_gating(Tensor router_logits, int k, str scoring, bool renormalize, Tensor? bias, int num_groups, "
@@ -70,7 +74,8 @@ TORCH_LIBRARY_IMPL(netmerge, CUDA, m) {
 #endif
 
 // Importing the module runs the registrations above. It exposes the CPU kernels' instruction set (for
-// netmerge_fast._backends and the tests) and the register-only FMA rate (for the benchmarks).
+// netmerge_fast._backends and the tests), the register-only FMA rate (for the benchmarks) and direct entries
+// for the per-token ops (csrc/python_calls.cpp).
 PYBIND11_MODULE(_C, m) {
   m.doc() = "netmerge_fast native ops, reached through torch.ops.netmerge";
   m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
@@ -80,6 +85,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("fma_peak", NETMERGE_CPU(fma_peak), pybind11::arg("seconds") = 0.2,
         "FLOP/s of register-only float32 FMA chains on every thread (the machine's arithmetic peak)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  netmerge::bind_python_calls(m);
 #ifdef NETMERGE_WITH_CUDA
   m.attr("cuda_built") = true;  // the CUDA dispatch key has kernels (netmerge_fast._backends reads this)
 #else

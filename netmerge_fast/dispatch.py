@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from netmerge_fast import _checks, _torch_grouped, packed_experts, reference
-from netmerge_fast._backends import native_status, resolve
+from netmerge_fast._backends import direct_entry, native_status, resolve
 from netmerge_fast.packed_experts import PackedExperts
 
 __all__ = ["ACTIVATIONS", "moe_align", "moe_experts"]
@@ -187,9 +187,9 @@ def run_validated(
     config = (activation, gated, apply_weights_on_input, transposed, gate_up_interleaved)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _MoeExperts.apply(chosen, topk_ids, *config, *tensors)
-    kernels = _kernels(chosen)
     w_gate_up, w_down = _linear_layout(w_gate_up, w_down, transposed)
-    return kernels.moe_experts(
+    direct = direct_entry("moe_experts", *tensors, topk_ids) if chosen == "cpu" else None
+    return (direct or _kernels(chosen).moe_experts)(
         hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, gated, b_gate_up, b_down,
         apply_weights_on_input, False, gate_up_interleaved,
     )[0]  # fmt: skip

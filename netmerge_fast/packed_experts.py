@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from netmerge_fast import _checks, reference
-from netmerge_fast._backends import native_status, resolve
+from netmerge_fast._backends import direct_entry, native_status, resolve
 
 __all__ = ["QUANTIZATIONS", "PackCache", "PackedExperts", "pack_experts"]
 
@@ -477,7 +477,9 @@ def run_validated(
             hidden, w_gate_up, w_down, topk_weights, topk_ids, activation=activation, gated=gated,
             b_gate_up=b_gate_up, b_down=b_down, apply_weights_on_input=apply_weights_on_input,
         )  # fmt: skip
-    return torch.ops.netmerge.moe_experts_packed.default(
+    tensors = (hidden, packed.gate_up, packed.down, packed.gate_up_scales, packed.down_scales)
+    direct = direct_entry("moe_experts_packed", *tensors, topk_weights, topk_ids, b_gate_up, b_down)
+    return (direct or torch.ops.netmerge.moe_experts_packed.default)(
         hidden, packed.gate_up, packed.down, packed.gate_up_scales, packed.down_scales, packed.intermediate_size,
         packed.group_size or 0, topk_weights, topk_ids, activation, gated, b_gate_up, b_down,
         apply_weights_on_input,

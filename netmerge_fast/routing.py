@@ -7,7 +7,7 @@ import functools
 import torch
 
 from netmerge_fast import _checks, reference
-from netmerge_fast._backends import native_status, resolve
+from netmerge_fast._backends import direct_entry, native_status, resolve
 from netmerge_fast.capacity import apply_capacity
 
 __all__ = ["expert_counts", "load_balancing_loss", "router_z_loss", "topk_gating"]
@@ -114,7 +114,8 @@ def topk_gating(
     args = (k, scoring, renormalize, bias, num_groups, topk_groups, group_score, softmax_after_topk, float(scale))
     if torch.is_grad_enabled() and router_logits.requires_grad:
         return _TopkGating.apply(router_logits, chosen, *args)
-    return _kernel(chosen)(router_logits, *args)
+    kernel = direct_entry("topk_gating", router_logits, bias) if chosen == "cpu" else None
+    return (kernel or _kernel(chosen))(router_logits, *args)
 
 
 def _validate(
