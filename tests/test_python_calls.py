@@ -1,6 +1,8 @@
 """The CPU ops' direct Python entries (csrc/python_calls.cpp): the same op through the same dispatcher, so
 dispatch modes still see it, results equal torch.ops', and a tensor subclass's __torch_function__ still runs."""
 
+from typing import ClassVar
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -24,11 +26,11 @@ class SeenOps(TorchDispatchMode):
 def calls():
     """(name of the op, a public call that reaches it on CPU, the same through torch.ops)."""
     gen = torch.Generator().manual_seed(0)
-    T, E, H, I, k = 5, 16, 32, 24, 4
+    T, E, H, inter, k = 5, 16, 32, 24, 4
     logits = torch.randn(T, E, generator=gen)
     hidden = torch.randn(T, H, generator=gen)
-    w_gate_up = torch.randn(E, 2 * I, H, generator=gen) * 0.1
-    w_down = torch.randn(E, H, I, generator=gen) * 0.1
+    w_gate_up = torch.randn(E, 2 * inter, H, generator=gen) * 0.1
+    w_down = torch.randn(E, H, inter, generator=gen) * 0.1
     weights, ids = nf.topk_gating(logits, k, backend="cpu")
     packed = nf.pack_experts(w_gate_up, w_down)
     ops = torch.ops.netmerge
@@ -49,7 +51,7 @@ def calls():
             "netmerge.moe_experts_packed.default",
             lambda: nf.moe_experts(hidden, packed, None, weights, ids, backend="cpu"),
             lambda: ops.moe_experts_packed.default(
-                hidden, packed.gate_up, packed.down, None, None, I, 0, weights, ids, "silu", True, None, None, False
+                hidden, packed.gate_up, packed.down, None, None, inter, 0, weights, ids, "silu", True, None, None, False
             ),
         ),
     ]
@@ -63,14 +65,14 @@ def test_direct_entry_equals_torch_ops_and_dispatch_modes_see_it(case):
         with SeenOps() as mode:
             got = public()
     assert name in mode.seen
-    for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
-        assert torch.equal(a, b)
+    got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 class Tagged(torch.Tensor):
     """A subclass whose __torch_function__ records the functions it sees."""
 
-    seen: list = []
+    seen: ClassVar[list] = []
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
