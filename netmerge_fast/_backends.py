@@ -100,9 +100,15 @@ def _cuda() -> BackendStatus:
 CPU_ISAS = ("baseline", "avx2", "avx512", "avx512_bf16")
 
 
+_active_isa: str | None = None  # cpu_isa(), kept until set_cpu_isa changes it (read on every packed call)
+
+
 def cpu_isa() -> str:
     """The instruction set the CPU kernels run with now (one of ``CPU_ISAS``; "" without the extension)."""
-    return importlib.import_module("netmerge_fast._C").cpu_isa() if native_status().available else ""
+    global _active_isa
+    if _active_isa is None:
+        _active_isa = importlib.import_module("netmerge_fast._C").cpu_isa() if native_status().available else ""
+    return _active_isa
 
 
 def cpu_isas() -> list[str]:
@@ -118,7 +124,9 @@ def set_cpu_isa(name: str) -> None:
     and diagnostics (the baseline build is what runs on a CPU without AVX2)."""
     if name != "auto" and name not in cpu_isas():
         raise ValueError(f"name must be 'auto' or one of {cpu_isas()} on this machine, got {name!r}")
+    global _active_isa
     importlib.import_module("netmerge_fast._C").set_cpu_isa(name)
+    _active_isa = None
 
 
 def backends() -> dict[str, BackendStatus]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from netmerge_fast import _checks, reference
-from netmerge_fast._backends import direct_entry, native_status, resolve
+from netmerge_fast._backends import cpu_isa, direct_entry, native_status, resolve
 
 __all__ = ["QUANTIZATIONS", "PackCache", "PackedExperts", "pack_experts"]
 
@@ -90,11 +90,7 @@ class PackedExperts:
 
 def default_panel() -> int:
     """Columns per panel for this machine: two vectors of the CPU kernels' instruction set."""
-    if native_status().available:
-        from netmerge_fast import _C
-
-        return 32 if _C.cpu_isa().startswith("avx512") else 16
-    return 16
+    return 32 if cpu_isa().startswith("avx512") else 16
 
 
 @torch.no_grad()

@@ -112,9 +112,8 @@ class MoEExperts(nn.Module):
 
     def packed(self) -> packed_experts.PackedExperts:
         """The weights packed by ``pack_experts`` (int8 after ``quantize_experts``), made again if they changed."""
-        return self._pack_cache.get(
-            self.gate_up_proj, self.down_proj, quantize=self.quantize, group_size=self.group_size
-        )
+        weights = self._attribute("gate_up_proj"), self._attribute("down_proj")
+        return self._pack_cache.get(*weights, quantize=self.quantize, group_size=self.group_size)
 
     @property
     def packed_nbytes(self) -> int:
@@ -129,24 +128,33 @@ class MoEExperts(nn.Module):
             self.release_weights()
         return result
 
+    _WEIGHTS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+
+    def _attribute(self, name: str):
+        """``getattr(self, name)`` for a parameter (or a plain attribute, such as a bias of None) without
+        nn.Module.__getattr__'s fall-back: ~1-2 us a lookup, four on every decode step of every layer."""
+        value = self.__dict__.get(name, self)
+        return self._parameters[name] if value is self else value
+
     def forward(
         self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, checked: bool = True
     ) -> torch.Tensor:
         """``moe_experts`` on the module's weights; ``checked=False`` skips its per-call checks, for routings that
         are valid by construction (SparseMoE's own top-k: a decode step then does not pay them)."""
-        weights = (self.gate_up_proj, self.down_proj)
+        w_gate_up, w_down, b_gate_up, b_down = map(self._attribute, self._WEIGHTS)
+        weights = (w_gate_up, w_down)
         # The parameters only matter (and are only listed: ~5 us) where a gradient could flow.
         needs_grad = (hidden, topk_weights, *self.parameters()) if torch.is_grad_enabled() else ()
         if (
             self.quantize is not None
-            or self.weights_released
-            or packed_experts.runs_packed(hidden, self.gate_up_proj, self.backend, *needs_grad)
+            or packed_experts.is_released(self)
+            or packed_experts.runs_packed(hidden, w_gate_up, self.backend, *needs_grad)
         ):
             weights = (self.packed(), None)
         if not checked:
             return run_validated(
-                hidden, *weights, topk_weights, topk_ids, self.activation, self.gated, self.gate_up_proj_bias,
-                self.down_proj_bias, False, self.backend,
+                hidden, *weights, topk_weights, topk_ids, self.activation, self.gated, b_gate_up, b_down, False,
+                self.backend,
             )  # fmt: skip
         return moe_experts(
             hidden,
@@ -155,8 +163,8 @@ class MoEExperts(nn.Module):
             topk_ids,
             activation=self.activation,
             gated=self.gated,
-            b_gate_up=self.gate_up_proj_bias,
-            b_down=self.down_proj_bias,
+            b_gate_up=b_gate_up,
+            b_down=b_down,
             backend=self.backend,
         )
 
@@ -340,12 +348,17 @@ class SparseMoE(nn.Module):
         topk_gating(torch.zeros(1, num_experts), top_k, **self._routing_args(), backend="torch")
 
     def _routing_args(self) -> dict:
-        return dict(self.routing, bias=getattr(self.gate, "e_score_correction_bias", None))
+        # The gate's registries, not getattr: a missing attribute costs nn.Module an exception (~5 us a call).
+        gate = self._modules["gate"]
+        bias = gate._buffers.get("e_score_correction_bias")
+        if bias is None:
+            bias = gate._parameters.get("e_score_correction_bias", gate.__dict__.get("e_score_correction_bias"))
+        return dict(self.routing, bias=bias)
 
     def forward(self, x: torch.Tensor, replay_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., H]`` -> same shape. ``replay_ids [N, k]`` (N = tokens of x): use these router choices."""
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])
+        flat = x if x.dim() == 2 else x.reshape(-1, shape[-1])
         logits = self.gate(flat)
         if replay_ids is None and self._replaying is not None:
             replay_ids = next(self._replaying, None)
@@ -354,7 +367,9 @@ class SparseMoE(nn.Module):
         routing = dict(self._routing_args(), backend=self.backend)
         weights, ids = topk_gating(logits, self.top_k, **routing, replay_ids=replay_ids)
         dispatched, dropped = ids, None
-        capacity = expert_capacity(flat.shape[0], self.top_k, self.num_experts, self.capacity_factor)
+        capacity = None  # dropless unless a positive factor (expert_capacity would say so, at ~2 us a call)
+        if self.capacity_factor:
+            capacity = expert_capacity(flat.shape[0], self.top_k, self.num_experts, self.capacity_factor)
         if capacity is not None:
             priority = slot_probabilities(logits, ids, routing) if self.capacity_order == "score" else None
             dispatched, weights, dropped = apply_capacity(
@@ -377,7 +392,7 @@ class SparseMoE(nn.Module):
         vars(self).update(router_logits=logits, topk_ids=ids, dispatched_ids=dispatched, _stats=(ids, load, dropped))
         if self._recording is not None:
             self._recording.append(ids.detach())
-        return out.reshape(shape)
+        return out if x.dim() == 2 else out.reshape(shape)
 
     @property
     def router_stats(self) -> RouterStats | None:
