@@ -68,9 +68,11 @@ V gated_act(Activation a, V gate, V up) {
 // buffer is allocated per call instead, so one huge batch does not pin its memory for the process's lifetime.
 constexpr int64_t kScratchBytes = int64_t{256} << 20;
 
-inline at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
-  const int64_t need = std::max<int64_t>(rows * cols, 1);
-  if (need * static_cast<int64_t>(options.dtype().itemsize()) > kScratchBytes) return at::empty({rows, cols}, options);
+// Scratch slot `slot` itself: a 1-D buffer of at least n elements, for callers that only need its memory (no view
+// is made: a narrow and a view cost ~2 us a call, and a decode step of a layer makes three).
+inline at::Tensor scratch_buffer(int slot, int64_t n, const at::TensorOptions& options) {
+  const int64_t need = std::max<int64_t>(n, 1);
+  if (need * static_cast<int64_t>(options.dtype().itemsize()) > kScratchBytes) return at::empty({need}, options);
   thread_local std::array<at::Tensor, 4> cache;
   at::Tensor& buffer = cache[slot];
   // A buffer made under torch.inference_mode is an inference tensor, which ATen refuses to write outside it (and
@@ -79,12 +81,17 @@ inline at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::Tensor
   if (!buffer.defined() || buffer.numel() < need || buffer.dtype() != options.dtype() ||
       buffer.is_inference() != inference)
     buffer = at::empty({need}, options);
-  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+  return buffer;
+}
+
+// Scratch slot `slot` as a [rows, cols] tensor.
+inline at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  return scratch_buffer(slot, rows * cols, options).narrow(0, 0, rows * cols).view({rows, cols});
 }
 
 // The T * k slots grouped by expert with one stable counting sort (increasing slot index within an expert).
 struct Permutation {
-  at::Tensor ids;       // [T * k] int32: topk_ids, contiguous
+  at::Tensor ids;       // [T, k] int32: topk_ids, contiguous
   at::Tensor sorted;    // [T * k] int32: slot ids, expert by expert; slots routed nowhere (-1) last
   at::Tensor position;  // [T * k] int32: where each slot went
   at::Tensor offsets;   // [E + 1] int32
@@ -120,7 +127,7 @@ inline Permutation permute(const at::Tensor& topk_ids, int64_t E, const at::Tens
   const bool int32_or_64 = topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong;
   const at::Tensor given = int32_or_64 ? topk_ids.contiguous() : topk_ids.to(at::kLong).contiguous();
   check_expert_ids(given, E);
-  p.ids = given.to(at::kInt).reshape({-1});
+  p.ids = given.to(at::kInt);  // no-op for contiguous int32 ids (no flattening view: only the memory is read)
   const int32_t* ids = p.ids.const_data_ptr<int32_t>();
   const int64_t slots = p.ids.numel();
   std::vector<int64_t> counts(E + 1), cursor(E + 1);

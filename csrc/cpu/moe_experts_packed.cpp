@@ -567,7 +567,7 @@ at::Tensor moe_experts_packed(const at::Tensor& hidden, const at::Tensor& gate_u
         const auto x = hidden.contiguous();
         const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
         const int64_t n = apply_weights_on_input ? rows : T;
-        x_rows = scratch(1, n, s.K1, float_options);
+        x_rows = scratch_buffer(1, n * s.K1, float_options);
         float* dst = x_rows.data_ptr<float>();
         at::parallel_for(0, n, std::max<int64_t>(1, 65536 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
@@ -586,8 +586,8 @@ at::Tensor moe_experts_packed(const at::Tensor& hidden, const at::Tensor& gate_u
         });
         for (int64_t r = 0; r < rows; ++r) row_ptr[r] = dst + (apply_weights_on_input ? r : sorted[r] / k) * s.K1;
       }
-      auto act_rows = scratch(2, rows, s.Ip, float_options);
-      auto y_rows = scratch(3, rows, H, float_options);
+      auto act_rows = scratch_buffer(2, rows * s.Ip, float_options);
+      auto y_rows = scratch_buffer(3, rows * H, float_options);
       const scalar_t* bias = bgu.defined() ? bgu.const_data_ptr<scalar_t>() : nullptr;
       const float* scales1 = gate_up_scales ? gate_up_scales->const_data_ptr<float>() : nullptr;
       const float* scales2 = down_scales ? down_scales->const_data_ptr<float>() : nullptr;
