@@ -1,12 +1,17 @@
-"""Per-call cost of a decode step on CPU: the direct entries of netmerge_fast._C against torch.ops, in one process.
+"""Per-call cost of a decode step on CPU: the direct entries of netmerge_fast._C against torch.ops, in one process,
+and the packed experts op's fixed cost against its per-expert work.
 
     python benchmarks/call_overhead.py [--repeats 5]
 
-Alternates the two paths (the direct entries switched off by emptying netmerge_fast._backends' table of them,
-which makes every wrapper call torch.ops) over calls whose work is small next to their overhead: topk_gating at
-T = 1 on the standard routing shapes (with the HF-style eager router as the baseline), moe_experts on packed
-experts with every slot routed nowhere, and a tiny SparseMoE layer (H = 64, E = 32, k = 4) at T = 1. Prints the
-medians of the repeats (microseconds per call, netmerge_fast.bench.time_call) and their ratios.
+First table: alternates the two paths (the direct entries switched off by emptying netmerge_fast._backends' table
+of them, which makes every wrapper call torch.ops) over calls whose work is small next to their overhead:
+topk_gating at T = 1 on the standard routing shapes (with the HF-style eager router as the baseline), moe_experts
+on packed experts with every slot routed nowhere, and a tiny SparseMoE layer (H = 64, E = 32, k = 4) at T = 1.
+Medians of the repeats (microseconds per call, netmerge_fast.bench.time_call) and their ratios.
+
+Second table: the packed op alone on one thread, T = 1, eight experts of the Qwen3 /4 shape in the cache, with 0,
+1 and 8 of the 8 slots routed to an expert: the fixed cost of a call (0), what routing anything adds (1), and the
+per-expert rate ((8 - 1) experts' bytes over the time difference), per weight format.
 """
 
 from __future__ import annotations
@@ -83,6 +88,39 @@ def main() -> None:
         rows.append(row)
     columns = ("call", "direct_us", "torch_ops_us", "x_torch_ops", "x_hf_eager", "x_hf_eager_via_torch_ops")
     print(format_table(rows, columns))
+    print()
+    print(format_table(packed_fixed_cost(args.repeats)))
+
+
+def packed_fixed_cost(repeats: int) -> list[dict]:
+    """The second table (see the module docstring)."""
+    torch.manual_seed(0)
+    E, H, inter, k = 8, 512, 192, 8
+    w_gate_up, w_down = torch.randn(E, 2 * inter, H) * 0.05, torch.randn(E, H, inter) * 0.05
+    formats = {
+        "float32": (nf.pack_experts(w_gate_up, w_down), torch.float32),
+        "bfloat16": (nf.pack_experts(w_gate_up.bfloat16(), w_down.bfloat16()), torch.bfloat16),
+        "int8": (nf.pack_experts(w_gate_up, w_down, quantize="int8"), torch.float32),
+    }
+    routings = {n: torch.tensor([list(range(n)) + [-1] * (k - n)], dtype=torch.int32) for n in (0, 1, 8)}
+    weights = torch.full((1, k), 1.0 / k)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    with torch.no_grad():
+        for name, (packed, dtype) in formats.items():
+            hidden = torch.randn(1, H, dtype=dtype)
+            us = {}
+            for n, ids in routings.items():
+                call = lambda h=hidden, p=packed, ids=ids: nf.moe_experts(h, p, None, weights, ids)
+                us[n] = statistics.median(time_call(call) for _ in range(repeats)) * 1e6
+            per_expert = (us[8] - us[1]) / 7
+            rows.append({
+                "weights": name, "routed_0_us": us[0], "routed_1_us": us[1], "routed_8_us": us[8],
+                "per_expert_us": per_expert, "per_expert_GB/s": packed.nbytes / E / per_expert / 1e3,
+            })  # fmt: skip
+    torch.set_num_threads(threads)
+    return rows
 
 
 if __name__ == "__main__":
