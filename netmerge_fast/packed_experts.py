@@ -351,6 +351,19 @@ def _release_after_load(module, incompatible_keys) -> None:
         release_weights(module, record.cache, record.names, **record.options)
 
 
+_MISSING = object()
+
+
+def module_attribute(module: torch.nn.Module, name: str):
+    """``getattr(module, name)`` for a parameter or a plain attribute (a bias of None, say) without
+    nn.Module.__getattr__'s fall-back, ~1-2 us a lookup on the machines measured: a decode step reads four to
+    seven per layer. Anything else (a buffer, a property, a missing name) goes through getattr."""
+    value = module.__dict__.get(name, _MISSING)
+    if value is _MISSING:
+        value = module._parameters.get(name, _MISSING)
+    return getattr(module, name) if value is _MISSING else value
+
+
 def _identity(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device)
 

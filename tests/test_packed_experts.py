@@ -503,3 +503,30 @@ def test_released_weights_compile_fullgraph(gen):
         eager = moe(x)
         moe.release_expert_weights()
         assert torch.equal(torch.compile(moe, fullgraph=True)(x), eager)
+
+
+def test_module_attribute_reads_like_getattr():
+    """The decode path's attribute reader (past nn.Module.__getattr__) gives what getattr gives, for every kind."""
+    from netmerge_fast.packed_experts import module_attribute
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(2))
+            self.bias = None
+            self.register_buffer("running", torch.zeros(2))
+            self.child = torch.nn.Linear(2, 2)
+            self.plain = torch.ones(1)
+
+        @property
+        def doubled(self):
+            return 2 * self.weight
+
+    m = Module()
+    for name in ("weight", "bias", "running", "child", "plain"):
+        assert module_attribute(m, name) is getattr(m, name)
+    assert torch.equal(module_attribute(m, "doubled"), m.doubled)
+    m.weight = torch.nn.Parameter(torch.randn(3))  # replaced: the registry's new entry
+    assert module_attribute(m, "weight") is m.weight
+    with pytest.raises(AttributeError, match="missing"):
+        module_attribute(m, "missing")

@@ -216,12 +216,14 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 def _expert_tensors(module: nn.Module) -> tuple:
-    """(first projection, down projection, their biases or None), the module's own parameters as they are."""
-    first = getattr(module, "gate_up_proj" if module.has_gate else "up_proj")
+    """(first projection, down projection, their biases or None), the module's own parameters as they are (read
+    past nn.Module's attribute fall-back: packed_experts.module_attribute)."""
+    get = packed_experts.module_attribute
+    first, down = get(module, "gate_up_proj" if module.has_gate else "up_proj"), get(module, "down_proj")
     if not module.has_bias:
-        return first, module.down_proj, None, None
-    b_first = module.gate_up_proj_bias if module.has_gate else module.up_proj_bias
-    return first, module.down_proj, b_first, module.down_proj_bias
+        return first, down, None, None
+    b_first = get(module, "gate_up_proj_bias" if module.has_gate else "up_proj_bias")
+    return first, down, b_first, get(module, "down_proj_bias")
 
 
 def _fused_backend_reason(op: str, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -112,7 +112,7 @@ class MoEExperts(nn.Module):
 
     def packed(self) -> packed_experts.PackedExperts:
         """The weights packed by ``pack_experts`` (int8 after ``quantize_experts``), made again if they changed."""
-        weights = self._attribute("gate_up_proj"), self._attribute("down_proj")
+        weights = (packed_experts.module_attribute(self, name) for name in self._WEIGHTS[:2])
         return self._pack_cache.get(*weights, quantize=self.quantize, group_size=self.group_size)
 
     @property
@@ -130,18 +130,12 @@ class MoEExperts(nn.Module):
 
     _WEIGHTS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
 
-    def _attribute(self, name: str):
-        """``getattr(self, name)`` for a parameter (or a plain attribute, such as a bias of None) without
-        nn.Module.__getattr__'s fall-back: ~1-2 us a lookup, four on every decode step of every layer."""
-        value = self.__dict__.get(name, self)
-        return self._parameters[name] if value is self else value
-
     def forward(
         self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, checked: bool = True
     ) -> torch.Tensor:
         """``moe_experts`` on the module's weights; ``checked=False`` skips its per-call checks, for routings that
         are valid by construction (SparseMoE's own top-k: a decode step then does not pay them)."""
-        w_gate_up, w_down, b_gate_up, b_down = map(self._attribute, self._WEIGHTS)
+        w_gate_up, w_down, b_gate_up, b_down = (packed_experts.module_attribute(self, n) for n in self._WEIGHTS)
         weights = (w_gate_up, w_down)
         # The parameters only matter (and are only listed: ~5 us) where a gradient could flow.
         needs_grad = (hidden, topk_weights, *self.parameters()) if torch.is_grad_enabled() else ()
