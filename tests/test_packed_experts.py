@@ -530,3 +530,6 @@ def test_module_attribute_reads_like_getattr():
     assert module_attribute(m, "weight") is m.weight
     with pytest.raises(AttributeError, match="missing"):
         module_attribute(m, "missing")
+    assert module_attribute(m, "missing", None) is None
+    assert module_attribute(m, "running", None) is m.running
+    assert torch.equal(module_attribute(m, "doubled", None), m.doubled)

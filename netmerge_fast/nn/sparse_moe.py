@@ -342,12 +342,8 @@ class SparseMoE(nn.Module):
         topk_gating(torch.zeros(1, num_experts), top_k, **self._routing_args(), backend="torch")
 
     def _routing_args(self) -> dict:
-        # The gate's registries, not getattr: a missing attribute costs nn.Module an exception (~5 us a call).
-        gate = self._modules["gate"]
-        bias = gate._buffers.get("e_score_correction_bias")
-        if bias is None:
-            bias = gate._parameters.get("e_score_correction_bias", gate.__dict__.get("e_score_correction_bias"))
-        return dict(self.routing, bias=bias)
+        gate = packed_experts.module_attribute(self, "gate")
+        return dict(self.routing, bias=packed_experts.module_attribute(gate, "e_score_correction_bias", None))
 
     def forward(self, x: torch.Tensor, replay_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., H]`` -> same shape. ``replay_ids [N, k]`` (N = tokens of x): use these router choices."""
