@@ -81,6 +81,24 @@ def test_blocked_prefill_matches_reference(dtype, pack, isa, gen):
     packed_vs_reference(args, kwargs, dtype, **pack)
 
 
+@pytest.mark.parametrize("pack", [{}, {"quantize": "int8"}, {"quantize": "int8", "group_size": 32}],
+                         ids=["float", "int8", "int8-g32"])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_panels_widened_once_per_block_give_the_tiles_bits(dtype, pack, isa, gen):
+    """From 16 rows an expert's bfloat16 / int8 panels are widened to float once per k block and read by float
+    tiles; below, each tile widens them itself. With one k block (K <= 512) and tiles of at least four rows (one
+    accumulator set; not on the baseline build, whose tiles hold two) both sum in the same order: the same bits for
+    the rows they share, and the reference's answer."""
+    ids = torch.zeros(16, 1, dtype=torch.int32)
+    args, kwargs = make_inputs(gen, 16, 1, 2, 200, 96, dtype=dtype, bias=True, ids=ids)
+    hidden, w_gate_up, w_down, weights, _ = args
+    wide, _ = packed_vs_reference(args, kwargs, dtype, **pack)
+    short = [hidden[:15], w_gate_up, w_down, weights[:15], ids[:15]]
+    in_tile, _ = packed_vs_reference(short, kwargs, dtype, **pack)
+    if isa != "baseline":
+        assert torch.equal(wide[:15], in_tile)
+
+
 @pytest.mark.parametrize("pack", [{}, {"quantize": "int8"}, {"quantize": "int8", "group_size": 16}],
                          ids=["float", "int8", "int8-g16"])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

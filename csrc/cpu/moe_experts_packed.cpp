@@ -14,10 +14,10 @@
 // A call: permutation (moe_common.h) -> phase A tasks (expert, row block, panels): gate+up micro-kernel, bias,
 // activation -> act [rows, Ip] float -> phase B tasks (each after its expert's phase A tasks, in the same
 // parallel region): down micro-kernel -> y [rows, H] float -> combine. bfloat16 and int8 panels are widened to
-// float in the micro-kernel (a shift, or a sign extension and a convert), so the arithmetic is float32 FMA
-// everywhere; int8 scales multiply each group's sums. Intermediate values are rounded to hidden's dtype where
-// moe_experts rounds them (the GEMM outputs, the biased pre-activation, the activation), so the two paths agree
-// to summation order.
+// float (a shift, or a sign extension and a convert) in the micro-kernel, or, for tasks of 16 rows or more, once
+// per k block into an L1 buffer that float tiles read; the arithmetic is float32 FMA everywhere, and int8 scales
+// multiply each group's sums. Intermediate values are rounded to hidden's dtype where moe_experts rounds them
+// (the GEMM outputs, the biased pre-activation, the activation), so the two paths agree to summation order.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -329,6 +329,29 @@ int64_t k_block(int64_t K, int64_t rows, int64_t group) {
   return group > 0 ? std::max<int64_t>(1, block / group) * group : block;
 }
 
+// A k block of a bfloat16 (k-pair) or int8 panel widened to a float panel ([k][NR]), exactly: `steps` k-steps.
+template <Format F, int NV>
+void widen_block(const char* block, int64_t steps, float* out) {
+  constexpr int64_t NR = NV * L;
+  constexpr int kSteps = F == Format::kBf16Pairs ? 2 : 1;
+  constexpr int64_t kUnitBytes = kSteps * NR * (F == Format::kBf16Pairs ? 2 : 1);
+  const Vec high_mask(at::vec::cast<float>(VecI(static_cast<int32_t>(0xFFFF0000u))));
+  for (int64_t k = 0; k < steps; k += kSteps, block += kUnitBytes) {
+    Vec w[kSteps][NV];
+    load_unit<F, NV, true>(block, w, high_mask);
+    unroll<kSteps>([&](auto j) NETMERGE_INLINE {
+      unroll<NV>([&](auto v) NETMERGE_INLINE { w[j][v].store(out + (k + j) * NR + v * L); });
+    });
+  }
+}
+
+// Rows of a task from which each k block of a bfloat16 or int8 panel is widened to float once and read by float
+// tiles: the widening in the tile (two vector operations per panel vector, on the ports the FMAs use) then runs
+// once rather than once per row tile, and on AVX2 the float tile takes six rows where the bfloat16 one takes
+// five. Below it (decode) the tiles are few and the weights come from memory: widening in the tile costs nothing
+// there. Measured on the DeepSeek-V3 /8 bfloat16 shape: no change at 16 rows, 10% faster at 32.
+constexpr int64_t kWidenRows = 2 * kDecodeRows;
+
 // One task of a phase: its rows times its panels, k block by k block (each block of the task's input rows is
 // read from L2 by all its panels), tiles accumulated in a per-thread `sums` ([panel][rows][NR]), then
 // `finish(panel, first row, rows, sums of the panel)` once per panel.
@@ -336,16 +359,22 @@ template <Format F, int NV, typename Finish>
 void run_task(const Task& t, const float* const* rows, int64_t K, int64_t panels, const char* weights,
               int64_t panel_bytes, const float* scales, int64_t groups, int64_t group, const Finish& finish) {
   constexpr int64_t NR = NV * L;
-  constexpr int MR = max_rows<NV, F>();
-  const int64_t step_bytes = panel_bytes / K;
   const int64_t n = t.r1 - t.r0, width = t.p1 - t.p0;
-  thread_local std::vector<float> buffer;
+  const bool widen = F != Format::kFloat && n >= kWidenRows;
+  const int MR = widen ? max_rows<NV, Format::kFloat>() : max_rows<NV, F>();
+  const int64_t step_bytes = panel_bytes / K;
+  thread_local std::vector<float> buffer, wide;
+  thread_local std::vector<const float*> shifted;  // the rows from k0 on, for the widened block
   buffer.resize(std::max<size_t>(buffer.size(), static_cast<size_t>(n * width * NR)));
   float* sums = buffer.data();
   // Row tiles as even as possible, none above the micro-kernel's maximum.
   const int64_t tiles = at::divup(n, MR);
   const float* const* a = rows + t.r0;
-  const int64_t block = k_block<F, NV>(K, n, group);
+  const int64_t block = widen ? k_block<Format::kFloat, NV>(K, n, group) : k_block<F, NV>(K, n, group);
+  if (widen) {
+    wide.resize(std::max<size_t>(wide.size(), static_cast<size_t>(block * NR)));
+    shifted.resize(std::max<size_t>(shifted.size(), static_cast<size_t>(n)));
+  }
   const char* first_panel = weights + (t.expert * panels + t.p0) * panel_bytes;
   const bool fetch = F != Format::kFloat || n > kDecodeRows;
   for (int64_t k0 = 0; k0 < K; k0 += block) {
@@ -363,12 +392,25 @@ void run_task(const Task& t, const float* const* rows, int64_t K, int64_t panels
                                           : nullptr;
       const int64_t ahead_bytes = (p + 1 < width ? k1 - k0 : std::min(K, k1 + block) - k1) * step_bytes;
       const int64_t share = at::divup(at::divup(ahead_bytes, int64_t{64}), tiles) * 64;
+      if (widen) {
+        // k0 is a multiple of 16 (a k-pair boundary for bfloat16) or of the int8 scale group.
+        widen_block<F, NV>(w + k0 * step_bytes, k1 - k0, wide.data());
+        if (p == 0)
+          for (int64_t r = 0; r < n; ++r) shifted[r] = a[r] + k0;
+      }
       for (int64_t i = 0, r = 0; i < tiles; ++i) {
         const int mr = static_cast<int>((n - r) / (tiles - i));
         const int64_t offset = i * share;
-        run_tile<F, NV>(mr, a + r, k0, k1, w, panel_scales, group, sums + (p * n + r) * NR, k0 == 0, k1 == K,
-                        ahead != nullptr && offset < ahead_bytes ? ahead + offset : nullptr,
-                        std::min(share, ahead_bytes - offset));
+        const char* tile_ahead = ahead != nullptr && offset < ahead_bytes ? ahead + offset : nullptr;
+        float* tile = sums + (p * n + r) * NR;
+        if (widen) {
+          const float* block_scales = panel_scales && group > 0 ? panel_scales + k0 / group * NR : panel_scales;
+          run_tile<Format::kFloat, NV>(mr, shifted.data() + r, 0, k1 - k0, wide.data(), block_scales, group, tile,
+                                       k0 == 0, k1 == K, tile_ahead, std::min(share, ahead_bytes - offset));
+        } else {
+          run_tile<F, NV>(mr, a + r, k0, k1, w, panel_scales, group, tile, k0 == 0, k1 == K, tile_ahead,
+                          std::min(share, ahead_bytes - offset));
+        }
         r += mr;
       }
     }
