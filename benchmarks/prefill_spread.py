@@ -46,9 +46,8 @@ def main() -> None:
             for n in spreads:
                 ids = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(T)])
                 seconds = time_call(lambda ids=ids: nf.moe_experts(hidden, packed, None, weights, ids))
-                print(
-                    f"| {n} | {T * k // n} | {seconds * 1e3:.1f} | {flops / seconds / 1e9:.0f} | {dense / seconds:.2f} |"
-                )
+                rate = flops / seconds / 1e9
+                print(f"| {n} | {T * k // n} | {seconds * 1e3:.1f} | {rate:.0f} | {dense / seconds:.2f} |")
 
 
 if __name__ == "__main__":
