@@ -1,10 +1,11 @@
-"""Packed-expert prefill as its weights move from the cache to memory: one shape, the same slots spread over more
-and more experts, against the dense matmul of the same FLOPs in the same process.
+"""Packed-expert prefill with fewer or more weight bytes per FLOP: one shape, the same slots spread over more and
+more experts, against the dense matmul of the same FLOPs in the same process.
 
     python benchmarks/prefill_spread.py [--shape deepseek-v3] [--tokens 512] [--dtype float32] [--repeats 2]
 
-Each token picks k distinct experts among the first N; with few experts their weights stay in the cache and the
-call is bound by the micro-kernel, with all of them (DeepSeek-V3 /8: 705 MB of float32) by the weight stream.
+Each token picks k distinct experts among the first N. With few experts each one's weights serve many rows and the
+call is bound by the micro-kernel; with all of them (DeepSeek-V3 /8: 16 rows each, 705 MB of float32 weights read
+from memory) by the weight stream.
 """
 
 from __future__ import annotations
