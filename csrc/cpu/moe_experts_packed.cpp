@@ -48,6 +48,12 @@ constexpr int64_t L = Vec::size();
 
 enum class Format { kFloat, kBf16Pairs, kInt8 };
 
+// k-steps per unit of a panel (bfloat16 panels hold k-pairs), and bytes per weight.
+template <Format F>
+constexpr int kUnitSteps = F == Format::kBf16Pairs ? 2 : 1;
+template <Format F>
+constexpr int64_t kWeightBytes = F == Format::kFloat ? 4 : F == Format::kBf16Pairs ? 2 : 1;
+
 // Rows of a micro-kernel tile, and the accumulator vectors it may use: accumulators, the panel's NV vectors and
 // a broadcast fit the 16 vector registers of AVX2 (32 with AVX-512). The baseline build's 8-float vectors take
 // two SSE registers each.
@@ -124,7 +130,7 @@ inline NETMERGE_INLINE void unroll(const Fn& f) {
 // The weights of one unit of a panel (one k; a k-pair for bf16) as float vectors: w[j][v] for the unit's
 // k-step j and vector v.
 template <Format F, int NV, bool kMaskRegister>
-inline NETMERGE_INLINE void load_unit(const void* p, Vec (&w)[F == Format::kBf16Pairs ? 2 : 1][NV],
+inline NETMERGE_INLINE void load_unit(const void* p, Vec (&w)[kUnitSteps<F>][NV],
                                       const Vec& high_mask) {
   unroll<NV>([&](auto v) NETMERGE_INLINE {
     if constexpr (F == Format::kFloat) {
@@ -149,8 +155,8 @@ void micro_tile(const float* const* a, int64_t k0, int64_t k1, const void* panel
   constexpr int64_t NR = NV * L;
   constexpr int S = MR * NV >= 8 ? 1 : MR * NV >= 4 ? 2 : 4;
   constexpr auto slot = [](int set, int r, int v) { return (set * MR + r) * NV + v; };
-  constexpr int kSteps = F == Format::kBf16Pairs ? 2 : 1;  // k per unit
-  constexpr int64_t kUnitBytes = kSteps * NR * (F == Format::kFloat ? 4 : F == Format::kBf16Pairs ? 2 : 1);
+  constexpr int kSteps = kUnitSteps<F>;
+  constexpr int64_t kUnitBytes = kSteps * NR * kWeightBytes<F>;
   constexpr int U = std::max(1, S / kSteps);  // units per unrolled body: one k-step per accumulator set
   // Prefetches per body, and the bytes they advance: with less than a line per body, one line every few bodies.
   constexpr int kLines = std::max<int>(1, static_cast<int>(U * kUnitBytes / 64));
@@ -322,7 +328,7 @@ inline void wait_until_zero(const std::atomic<int32_t>& count) {
 // most ~32 KB of a panel, which then stays in L1/L2 while every row tile of the task reads it).
 template <Format F, int NV>
 int64_t k_block(int64_t K, int64_t rows, int64_t group) {
-  constexpr int64_t bytes = NV * L * (F == Format::kFloat ? 4 : F == Format::kBf16Pairs ? 2 : 1);
+  constexpr int64_t bytes = NV * L * kWeightBytes<F>;
   const int64_t fit = std::min(kRowBlockBytes / (4 * rows), (int64_t{32} << 10) / bytes);
   if (fit >= K) return K;
   const int64_t block = std::max<int64_t>(64, fit / 16 * 16);
@@ -333,8 +339,8 @@ int64_t k_block(int64_t K, int64_t rows, int64_t group) {
 template <Format F, int NV>
 void widen_block(const char* block, int64_t steps, float* out) {
   constexpr int64_t NR = NV * L;
-  constexpr int kSteps = F == Format::kBf16Pairs ? 2 : 1;
-  constexpr int64_t kUnitBytes = kSteps * NR * (F == Format::kBf16Pairs ? 2 : 1);
+  constexpr int kSteps = kUnitSteps<F>;
+  constexpr int64_t kUnitBytes = kSteps * NR * kWeightBytes<F>;
   const Vec high_mask(at::vec::cast<float>(VecI(static_cast<int32_t>(0xFFFF0000u))));
   for (int64_t k = 0; k < steps; k += kSteps, block += kUnitBytes) {
     Vec w[kSteps][NV];
