@@ -112,8 +112,10 @@ class MoEExperts(nn.Module):
 
     def packed(self) -> packed_experts.PackedExperts:
         """The weights packed by ``pack_experts`` (int8 after ``quantize_experts``), made again if they changed."""
-        weights = (packed_experts.module_attribute(self, name) for name in self._WEIGHTS[:2])
-        return self._pack_cache.get(*weights, quantize=self.quantize, group_size=self.group_size)
+        return self._packed(*(packed_experts.module_attribute(self, name) for name in self._WEIGHTS[:2]))
+
+    def _packed(self, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> packed_experts.PackedExperts:
+        return self._pack_cache.get(w_gate_up, w_down, quantize=self.quantize, group_size=self.group_size)
 
     @property
     def packed_nbytes(self) -> int:
@@ -144,7 +146,7 @@ class MoEExperts(nn.Module):
             or packed_experts.is_released(self)
             or packed_experts.runs_packed(hidden, w_gate_up, self.backend, *needs_grad)
         ):
-            weights = (self.packed(), None)
+            weights = (self._packed(w_gate_up, w_down), None)
         if not checked:
             return run_validated(
                 hidden, *weights, topk_weights, topk_ids, self.activation, self.gated, b_gate_up, b_down, False,
