@@ -1,5 +1,5 @@
 """Packed-expert prefill with fewer or more weight bytes per FLOP: one shape, the same slots spread over more and
-more experts, against the dense matmul of the same FLOPs in the same process.
+more experts, against the dense-matmul limit of `netmerge-fast bench dispatch` (same FLOPs, same process).
 
     python benchmarks/prefill_spread.py [--shape deepseek-v3] [--tokens 512] [--dtype float32] [--repeats 2]
 
@@ -16,7 +16,7 @@ import torch
 
 import netmerge_fast as nf
 from netmerge_fast.bench import time_call
-from netmerge_fast.bench.dispatch import SHAPES
+from netmerge_fast.bench.dispatch import DECODE_MAX_TOKENS, SHAPES, limit_seconds
 
 
 def main() -> None:
@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    if args.tokens <= DECODE_MAX_TOKENS:
+        parser.error(f"--tokens must be above {DECODE_MAX_TOKENS} (prefill)")
     shape = next(s for s in SHAPES if s.name.startswith(args.shape))
     dtype = getattr(torch, args.dtype)
     E, k, H, inter, T = shape.num_experts, shape.k, shape.hidden, shape.intermediate, args.tokens
@@ -36,14 +38,13 @@ def main() -> None:
     hidden = torch.randn(T, H, generator=gen).to(dtype)
     weights = torch.softmax(torch.randn(T, k, generator=gen), -1)
     flops = 2 * T * k * 3 * H * inter
-    a, b = torch.randn(T * k, H, generator=gen), torch.randn(H, 3 * inter, generator=gen)
     spreads = [n for n in (8, 16, 32, 64, 128, 256) if k <= n <= E] or [E]
     print(f"{shape.name} T={T} {args.dtype}")
     print("| experts | rows per expert | ms | GFLOP/s | of_dense |")
     print("|--:|--:|--:|--:|--:|")
     with torch.no_grad():
         for _ in range(args.repeats):
-            dense = time_call(lambda: a @ b)
+            dense = limit_seconds(shape, T, [], dtype, "cpu")
             for n in spreads:
                 ids = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(T)])
                 seconds = time_call(lambda ids=ids: nf.moe_experts(hidden, packed, None, weights, ids))
